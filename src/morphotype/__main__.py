@@ -1,0 +1,5 @@
+import sys
+
+from morphotype.cli import main
+
+sys.exit(main())

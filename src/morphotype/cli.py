@@ -1,0 +1,212 @@
+"""The ``morphotype`` command: one subcommand per pipeline step, plus ``run`` for the whole.
+
+Exit codes: 0 success, 2 bad input (arguments, samplesheet, params, tables), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from morphotype import __version__
+from morphotype.io import MorphotypeInputError
+
+log = logging.getLogger("morphotype")
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None, help="processes to use (default: every core)")
+
+
+def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
+    from morphotype.run import PARAM_DEFAULTS as d
+
+    parser.add_argument("--backend", choices=["threshold", "cellpose"], default=d["segmentation_backend"],
+                        help="segmentation backend")
+    parser.add_argument("--model", default=d["cellpose_model"],
+                        help="cellpose: model name in Cellpose's model cache, or a path to weights")
+    parser.add_argument("--diameter", type=float, default=d["cellpose_diameter"],
+                        help="cellpose: nucleus diameter in pixels (0 = estimate)")
+    parser.add_argument("--flow-threshold", type=float, default=d["cellpose_flow_threshold"], help="cellpose")
+    parser.add_argument("--cellprob-threshold", type=float, default=d["cellpose_cellprob_threshold"],
+                        help="cellpose")
+    parser.add_argument("--gpu", action="store_true", help="cellpose: run on the GPU")
+    parser.add_argument("--min-size", type=int, default=d["min_nucleus_size"], help="smallest nucleus in pixels")
+    parser.add_argument("--keep-edge-objects", action="store_true",
+                        help="keep nuclei that touch the image border (removed by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="morphotype",
+        description="Predict single-cell phenotypes from nucleus morphology.",
+        epilog="Example: morphotype run examples/mitocheck_crops.yaml --outdir results",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"morphotype {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sheet = commands.add_parser("samplesheet", help="build or check samplesheets", formatter_class=_Formatter)
+    sheet_commands = sheet.add_subparsers(dest="samplesheet_command", required=True, metavar="KIND")
+    crops = sheet_commands.add_parser(
+        "mitocheck-crops",
+        help="samplesheet from a folder of MitoCheck crops (class folders + manifest.csv)",
+        epilog="Example: morphotype samplesheet mitocheck-crops ../shared/data/mitocheck_crops --out sheet.csv",
+        formatter_class=_Formatter,
+    )
+    crops.add_argument("crops_dir", type=Path, help="folder with manifest.csv and one folder per phenotype")
+    crops.add_argument("--out", type=Path, required=True, help="samplesheet CSV to write")
+    check = sheet_commands.add_parser("validate", help="validate a samplesheet", formatter_class=_Formatter,
+                                      epilog="Example: morphotype samplesheet validate sheet.csv")
+    check.add_argument("samplesheet", type=Path)
+
+    segment = commands.add_parser(
+        "segment",
+        help="segment nuclei in every image of a samplesheet",
+        epilog="Example: morphotype segment --samplesheet sheet.csv --outdir masks --backend threshold",
+        formatter_class=_Formatter,
+    )
+    segment.add_argument("--samplesheet", type=Path, required=True)
+    segment.add_argument("--outdir", type=Path, required=True, help="folder for <file_id>.mask.tiff files")
+    _add_segmentation_options(segment)
+    _add_workers(segment)
+
+    features = commands.add_parser(
+        "features",
+        help="measure the 157 CellProfiler nucleus features of every segmented image",
+        epilog="Example: morphotype features --samplesheet sheet.csv --masks masks --out single_cells.parquet",
+        formatter_class=_Formatter,
+    )
+    features.add_argument("--samplesheet", type=Path, required=True)
+    features.add_argument("--masks", type=Path, required=True, help="folder written by 'morphotype segment'")
+    features.add_argument("--out", type=Path, required=True, help="single-cell Parquet table to write")
+    features.add_argument("--tolerance", type=float, default=5.0,
+                          help="max distance in pixels from an annotated centre to its nucleus")
+    _add_workers(features)
+
+    run = commands.add_parser(
+        "run",
+        help="run the whole pipeline from a params file (same file as nextflow -params-file)",
+        description="Any pipeline parameter can be overridden as --<name> VALUE, as with Nextflow.",
+        epilog="Example: morphotype run examples/mitocheck_crops.yaml --outdir results "
+        "--mitocheck_crops ../shared/data/mitocheck_crops",
+        formatter_class=_Formatter,
+    )
+    run.add_argument("params_file", type=Path, nargs="?", help="YAML params file")
+    run.add_argument("--outdir", type=str, default=None, help="output folder (overrides the params file)")
+    _add_workers(run)
+    return parser
+
+
+def _parse_overrides(extra: list[str]) -> dict[str, str]:
+    """``--name value`` / ``--name=value`` pairs left over by argparse (pipeline params)."""
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(extra):
+        token = extra[index]
+        if not token.startswith("--"):
+            raise MorphotypeInputError(f"unexpected argument {token!r}; params are given as --name value")
+        name = token[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            index += 1
+        elif index + 1 < len(extra) and not extra[index + 1].startswith("--"):
+            value = extra[index + 1]
+            index += 2
+        else:
+            value, index = "true", index + 1
+        overrides[name] = value
+    return overrides
+
+
+def _command_segment(args) -> str:
+    from morphotype.pipeline import SegmentationOptions, segment_samplesheet
+    from morphotype.samplesheet import read_samplesheet
+
+    extra = {}
+    if args.backend == "cellpose":
+        extra = {"model": args.model, "diameter": args.diameter, "flow_threshold": args.flow_threshold,
+                 "cellprob_threshold": args.cellprob_threshold, "gpu": args.gpu}
+    options = SegmentationOptions(args.backend, not args.keep_edge_objects, args.min_size, tuple(sorted(extra.items())))
+    summary = segment_samplesheet(read_samplesheet(args.samplesheet), args.outdir, options, workers=args.workers)
+    return f"{len(summary)} masks ({summary['objects'].sum()} nuclei) in {args.outdir}"
+
+
+def _command_features(args) -> str:
+    from morphotype.io import write_table
+    from morphotype.pipeline import measure_samplesheet
+    from morphotype.samplesheet import read_samplesheet
+
+    cells, unmatched = measure_samplesheet(
+        read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers
+    )
+    write_table(cells, args.out)
+    report = args.out.with_name(args.out.stem + ".unmatched.csv")
+    write_table(unmatched, report) if not unmatched.empty else report.unlink(missing_ok=True)
+    note = f"; {len(unmatched)} unmatched annotations in {report}" if not unmatched.empty else ""
+    return f"{len(cells)} cells × {cells.shape[1]} columns in {args.out}{note}"
+
+
+def _command_samplesheet(args) -> str:
+    from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
+
+    if args.samplesheet_command == "mitocheck-crops":
+        sheet = from_mitocheck_crops(args.crops_dir)
+        write_samplesheet(sheet, args.out)
+        read_samplesheet(args.out)  # what we write must pass our own validation
+        return f"{len(sheet)} rows in {args.out}"
+    sheet = read_samplesheet(args.samplesheet)
+    return f"{args.samplesheet} is valid: {len(sheet)} rows, {sheet['file_id'].nunique()} image files"
+
+
+def _command_run(args, extra: list[str]) -> str:
+    from morphotype.run import load_params, run
+
+    overrides = _parse_overrides(extra)
+    if args.outdir is not None:
+        overrides["outdir"] = args.outdir
+    params = load_params(args.params_file, overrides)
+    outputs = run(params, workers=args.workers)
+    return "wrote " + ", ".join(f"{name}: {path}" for name, path in outputs.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    started = time.perf_counter()
+    handlers = {
+        "samplesheet": _command_samplesheet,
+        "segment": _command_segment,
+        "features": _command_features,
+    }
+    try:
+        summary = _command_run(args, extra) if args.command == "run" else handlers[args.command](args)
+    except MorphotypeInputError as error:
+        print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    print(f"morphotype {args.command}: {summary} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

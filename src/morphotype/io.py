@@ -1,0 +1,114 @@
+"""Reading and writing: atomic writes, Parquet tables, images, asset lookup."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+class MorphotypeInputError(ValueError):
+    """Bad user input: names the file, the row or column, and what was expected."""
+
+
+def asset_path(name: str) -> Path:
+    """Path of a file shipped in ``assets/`` (installed with the package)."""
+    path = ASSETS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"asset {name!r} not found in {ASSETS_DIR}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    Readers never see a half-written file: on error the temporary file is removed
+    and any previous ``path`` stays untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a data frame atomically as Parquet (or CSV when the suffix is .csv)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            table.to_csv(tmp, index=False)
+        else:
+            table.to_parquet(tmp, index=False)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a Parquet or CSV table, with an error naming the file when it is unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise MorphotypeInputError(f"{path}: file does not exist")
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except Exception as error:  # pyarrow/pandas raise many types; name the file either way
+        raise MorphotypeInputError(f"{path}: cannot be read as a table ({error})") from error
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-channel 2-D image (PNG, TIFF, ...) as a numpy array."""
+    import imageio.v3 as iio
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise MorphotypeInputError(f"{path}: image file does not exist")
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            image = tifffile.imread(path)
+        else:
+            image = iio.imread(path)
+    except Exception as error:
+        raise MorphotypeInputError(f"{path}: cannot be read as an image ({error})") from error
+    image = np.squeeze(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):  # RGB(A) saved grey: keep one channel
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise MorphotypeInputError(f"{path}: expected a 2-D single-channel image, got shape {image.shape}")
+    return image
+
+
+def write_mask(labels: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an integer label image as a compressed TIFF, atomically."""
+    import tifffile
+
+    path = Path(path)
+    dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
+    return path
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image written by :func:`write_mask`."""
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise MorphotypeInputError(f"{path}: mask file does not exist")
+    return tifffile.imread(path).astype(np.int32)

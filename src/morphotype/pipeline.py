@@ -1,0 +1,199 @@
+"""Samplesheet-level steps: apply the per-image science to every image, on every core.
+
+Each function here is what one ``morphotype <step>`` command (and one Nextflow process) does
+to the batch of images it is given; :func:`run` chains them on one machine with the same
+params and output layout as ``nextflow run main.nf``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from morphotype.io import MorphotypeInputError, read_image, read_mask, write_mask, write_table
+
+log = logging.getLogger(__name__)
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _single_threaded_worker() -> None:
+    # One worker per core: keep BLAS/torch inside each worker on one thread.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def parallel_map(function: Callable, items: list, *, workers: int, description: str) -> Iterator:
+    """Map ``function`` over ``items`` in order, on ``workers`` processes, with a progress bar."""
+    workers = max(1, min(workers, len(items))) if items else 1
+    progress = dict(total=len(items), desc=description, unit="image", disable=None)
+    if workers == 1:
+        yield from tqdm(map(function, items), **progress)
+        return
+    chunksize = max(1, min(32, len(items) // (workers * 8)))
+    with ProcessPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
+        yield from tqdm(pool.map(function, items, chunksize=chunksize), **progress)
+
+
+# --- segmentation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentationOptions:
+    backend: str = "threshold"
+    remove_edge_objects: bool = True
+    min_size: int = 15
+    backend_options: tuple[tuple[str, object], ...] = ()
+
+    def kwargs(self) -> dict:
+        return dict(self.backend_options)
+
+
+def mask_path(masks_dir: Path, file_id: str) -> Path:
+    return Path(masks_dir) / f"{file_id}.mask.tiff"
+
+
+def _segment_one(task: tuple[str, str, Path, SegmentationOptions]) -> dict:
+    from morphotype.segment import segment_nuclei
+    file_id, location, masks_dir, options = task
+    image = read_image(location)
+    labels = segment_nuclei(
+        image,
+        options.backend,
+        remove_edge_objects=options.remove_edge_objects,
+        min_size=options.min_size,
+        **options.kwargs(),
+    )
+    write_mask(labels, mask_path(masks_dir, file_id))
+    return {"file_id": file_id, "image": location, "objects": int(labels.max(initial=0))}
+
+
+def segment_samplesheet(
+    sheet: pd.DataFrame, masks_dir: str | Path, options: SegmentationOptions, *, workers: int | None = None
+) -> pd.DataFrame:
+    """Segment every distinct image of ``sheet``; write one mask per image; return a summary."""
+    masks_dir = Path(masks_dir)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    images = sheet.drop_duplicates("file_id")
+    tasks = [(row.file_id, row.image, masks_dir, options) for row in images.itertuples()]
+    rows = list(parallel_map(_segment_one, tasks, workers=workers or default_workers(), description="segment"))
+    summary = pd.DataFrame(rows, columns=["file_id", "image", "objects"])
+    write_table(summary, masks_dir / "segmentation_summary.csv")
+    log.info(
+        "segmented %d images with %s: %d nuclei (%d images without any)",
+        len(summary), options.backend, summary["objects"].sum(), int((summary["objects"] == 0).sum()),
+    )
+    return summary
+
+
+# --- features ---------------------------------------------------------------------------------
+
+
+def _metadata(row: pd.Series) -> dict:
+    """Samplesheet columns → ``Metadata_`` columns (CellProfiler style, capitalised)."""
+    names = {"image": "Image", "image_id": "ImageID", "file_id": "FileID", "x": "AnnotatedX", "y": "AnnotatedY"}
+    out = {}
+    for column, value in row.items():
+        name = names.get(column) or "".join(part.capitalize() for part in str(column).split("_"))
+        out[f"Metadata_{name}"] = value
+    return out
+
+
+def _measure_one(task: tuple[pd.DataFrame, Path, float]) -> tuple[list[dict], list[dict]]:
+    from morphotype.features import measure_nuclei
+    from morphotype.segment import match_points
+    rows, masks_dir, tolerance = task
+    first = rows.iloc[0]
+    image = read_image(first["image"])
+    labels = read_mask(mask_path(masks_dir, first["file_id"]))
+    if labels.shape != image.shape:
+        raise MorphotypeInputError(
+            f"{mask_path(masks_dir, first['file_id'])}: mask shape {labels.shape} differs from image "
+            f"{first['image']} shape {image.shape}"
+        )
+    measured = measure_nuclei(image, labels)
+    by_object = measured.set_index("ObjectNumber", drop=False)
+    annotated = rows.dropna(subset=["x", "y"])
+    cells, unmatched = [], []
+    if annotated.empty:  # unlabelled image: every nucleus is a cell
+        for object_number, features in by_object.iterrows():
+            cells.append(_cell_record(first, int(object_number), features))
+        return cells, unmatched
+    match = match_points(labels, annotated[["x", "y"]].to_numpy(float), tolerance=tolerance)
+    taken: set[int] = set()
+    for (_, row), label, distance, how in zip(annotated.iterrows(), match.label, match.distance, match.how):
+        label = int(label)
+        reason = None
+        if label == 0:
+            reason = how
+        elif label in taken:
+            reason = "object already labelled by another annotation"
+        if reason:
+            unmatched.append({**_metadata(row), "reason": reason, "distance": float(distance)})
+            continue
+        taken.add(label)
+        record = _cell_record(row, label, by_object.loc[label])
+        record["Metadata_MatchDistance"] = float(distance)
+        cells.append(record)
+    return cells, unmatched
+
+
+def _cell_record(row: pd.Series, object_number: int, features: pd.Series) -> dict:
+    record = _metadata(row)
+    record["Metadata_ObjectNumber"] = object_number
+    record["Metadata_CellID"] = f"{row['file_id']}_{object_number}"
+    record.update(features.drop(labels="ObjectNumber").to_dict())
+    return record
+
+
+def measure_samplesheet(
+    sheet: pd.DataFrame, masks_dir: str | Path, *, tolerance: float = 5.0, workers: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Measure every image's nuclei; keep annotated nuclei where an image has annotations.
+
+    Returns the single-cell table (``Metadata_*`` columns then features) and the table of
+    annotations that matched no nucleus, with the reason.
+    """
+    from morphotype.features import FEATURE_NAMES
+
+    tasks = [(rows, Path(masks_dir), tolerance) for _, rows in sheet.groupby("file_id", sort=False)]
+    cells: list[dict] = []
+    unmatched: list[dict] = []
+    for image_cells, image_unmatched in parallel_map(
+        _measure_one, tasks, workers=workers or default_workers(), description="features"
+    ):
+        cells.extend(image_cells)
+        unmatched.extend(image_unmatched)
+    table = pd.DataFrame.from_records(cells)
+    feature_columns = ["Location_Center_X", "Location_Center_Y", *FEATURE_NAMES]
+    if table.empty:
+        table = pd.DataFrame(columns=["Metadata_CellID", *feature_columns])
+    metadata = [c for c in table.columns if c.startswith("Metadata_")]
+    table = table[metadata + [c for c in feature_columns if c in table.columns]]
+    table = table.rename(columns={"Location_Center_X": "Nuclei_Location_Center_X",
+                                  "Location_Center_Y": "Nuclei_Location_Center_Y"})
+    if table["Metadata_CellID"].duplicated().any():
+        raise RuntimeError("duplicated Metadata_CellID values: two samplesheet rows share an image file id")
+    log.info("measured %d cells in %d images; %d annotations unmatched", len(table), len(tasks), len(unmatched))
+    return table, pd.DataFrame.from_records(unmatched)
+
+
+def iter_batches(sheet: pd.DataFrame, batch_size: int) -> Iterable[pd.DataFrame]:
+    """Split a samplesheet into batches of whole images (the Nextflow fan-out unit)."""
+    ids = sheet["file_id"].drop_duplicates().to_numpy()
+    for start in range(0, len(ids), batch_size):
+        yield sheet[sheet["file_id"].isin(ids[start : start + batch_size])]
