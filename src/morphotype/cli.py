@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sheet = commands.add_parser("samplesheet", help="build or check samplesheets", formatter_class=_Formatter)
+    sheet = commands.add_parser(
+        "samplesheet", help="build or check samplesheets", formatter_class=_Formatter,
+        epilog="Example: morphotype samplesheet mitocheck-crops ../shared/data/mitocheck_crops --out sheet.csv",
+    )
     sheet_commands = sheet.add_subparsers(dest="samplesheet_command", required=True, metavar="KIND")
     crops = sheet_commands.add_parser(
         "mitocheck-crops",
@@ -90,10 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     features.add_argument("--samplesheet", type=Path, required=True)
     features.add_argument("--masks", type=Path, required=True, help="folder written by 'morphotype segment'")
-    features.add_argument("--out", type=Path, required=True, help="single-cell Parquet table to write")
+    features.add_argument("--out", type=Path, required=True,
+                          help="single-cell Parquet table to write; unmatched annotations go to <out>.unmatched.csv")
     features.add_argument("--tolerance", type=float, default=5.0,
                           help="max distance in pixels from an annotated centre to its nucleus")
     _add_workers(features)
+
+    merge = commands.add_parser(
+        "merge",
+        help="concatenate tables of the same kind (per-batch outputs) in the given order",
+        epilog="Example: morphotype merge --out single_cells.parquet batch_0.parquet batch_1.parquet",
+        formatter_class=_Formatter,
+    )
+    merge.add_argument("--out", type=Path, required=True, help="table to write (.parquet or .csv)")
+    merge.add_argument("tables", type=Path, nargs="+", help="tables with identical columns")
 
     run = commands.add_parser(
         "run",
@@ -144,18 +157,23 @@ def _command_segment(args) -> str:
 
 
 def _command_features(args) -> str:
-    from morphotype.io import write_table
     from morphotype.pipeline import measure_samplesheet
     from morphotype.samplesheet import read_samplesheet
+
+    from morphotype.pipeline import write_features
 
     cells, unmatched = measure_samplesheet(
         read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers
     )
-    write_table(cells, args.out)
-    report = args.out.with_name(args.out.stem + ".unmatched.csv")
-    write_table(unmatched, report) if not unmatched.empty else report.unlink(missing_ok=True)
-    note = f"; {len(unmatched)} unmatched annotations in {report}" if not unmatched.empty else ""
-    return f"{len(cells)} cells × {cells.shape[1]} columns in {args.out}{note}"
+    table_path, report = write_features(cells, unmatched, args.out)
+    return f"{len(cells)} cells × {cells.shape[1]} columns in {table_path}; {len(unmatched)} unmatched annotations in {report}"
+
+
+def _command_merge(args) -> str:
+    from morphotype.io import merge_tables
+
+    merged = merge_tables(args.tables, args.out)
+    return f"{len(merged)} rows from {len(args.tables)} tables in {args.out}"
 
 
 def _command_samplesheet(args) -> str:
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "samplesheet": _command_samplesheet,
         "segment": _command_segment,
         "features": _command_features,
+        "merge": _command_merge,
     }
     try:
         summary = _command_run(args, extra) if args.command == "run" else handlers[args.command](args)

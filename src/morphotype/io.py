@@ -112,3 +112,29 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if not path.exists():
         raise MorphotypeInputError(f"{path}: mask file does not exist")
     return tifffile.imread(path).astype(np.int32)
+
+
+def merge_tables(paths: list[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+    """Concatenate tables with identical columns, in the given order, into ``out``.
+
+    Used to gather per-batch outputs; refuses tables whose columns differ and duplicated
+    ``Metadata_CellID`` values, naming the offending file.
+    """
+    tables = []
+    for path in paths:
+        table = read_table(path)
+        if tables and list(table.columns) != list(tables[0].columns) and len(table):
+            raise MorphotypeInputError(
+                f"{path}: columns differ from {paths[0]} "
+                f"(extra {sorted(set(table.columns) - set(tables[0].columns))}, "
+                f"missing {sorted(set(tables[0].columns) - set(table.columns))})"
+            )
+        tables.append(table)
+    non_empty = [t for t in tables if len(t)] or tables[:1]
+    merged = pd.concat(non_empty, ignore_index=True)
+    if "Metadata_CellID" in merged.columns:
+        duplicated = merged["Metadata_CellID"][merged["Metadata_CellID"].duplicated()]
+        if len(duplicated):
+            raise MorphotypeInputError(f"duplicated Metadata_CellID across inputs, e.g. {duplicated.iloc[0]!r}")
+    write_table(merged, out)
+    return merged

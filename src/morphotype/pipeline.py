@@ -192,6 +192,15 @@ def measure_samplesheet(
     return table, pd.DataFrame.from_records(unmatched)
 
 
+def write_features(cells: pd.DataFrame, unmatched: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
+    """Write the single-cell table and, beside it, ``<stem>.unmatched.csv`` (always, maybe empty)."""
+    out = Path(out)
+    report = out.with_name(out.stem + ".unmatched.csv")
+    if unmatched.empty:
+        unmatched = pd.DataFrame(columns=["Metadata_FileID", "Metadata_ImageID", "reason", "distance"])
+    return write_table(cells, out), write_table(unmatched, report)
+
+
 def iter_batches(sheet: pd.DataFrame, batch_size: int) -> Iterable[pd.DataFrame]:
     """Split a samplesheet into batches of whole images (the Nextflow fan-out unit)."""
     ids = sheet["file_id"].drop_duplicates().to_numpy()

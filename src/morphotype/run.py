@@ -12,11 +12,10 @@ import logging
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from morphotype import __version__
-from morphotype.io import MorphotypeInputError, atomic_path, write_table
+from morphotype.io import MorphotypeInputError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def segmentation_options(params: dict):
 
 def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     """Run every stage; return the main outputs by name."""
-    from morphotype.pipeline import measure_samplesheet, segment_samplesheet
+    from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
     from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
 
     outdir = Path(params["outdir"])
@@ -130,10 +129,8 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     cells, unmatched = measure_samplesheet(
         sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers
     )
-    outputs["features"] = write_table(cells, outdir / "features" / "single_cells.parquet")
-    outputs["unmatched"] = write_table(
-        unmatched if not unmatched.empty else pd.DataFrame(columns=["Metadata_ImageID", "reason"]),
-        outdir / "features" / "unmatched_annotations.csv",
+    outputs["features"], outputs["unmatched"] = write_features(
+        cells, unmatched, outdir / "features" / "single_cells.parquet"
     )
     annotated = int(sheet[["x", "y"]].notna().all(axis=1).sum())
     log.info(
