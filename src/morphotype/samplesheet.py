@@ -102,7 +102,7 @@ def read_samplesheet(path: str | Path, *, check_files: bool = True) -> pd.DataFr
         for error in sorted(validator.iter_errors(record), key=lambda e: list(e.path)):
             errors.append(_describe_error(error, row_number, path, properties))
         if check_files and "image" in record and not is_url(record["image"]):
-            if not Path(record["image"]).exists():
+            if not Path(str(record["image"]).split("#", 1)[0]).exists():  # "#frame=t" addresses a movie frame
                 errors.append(f"{path}, row {row_number}, column 'image': file {record['image']!r} does not exist")
         records.append(record)
     table = pd.DataFrame.from_records(records, columns=list(raw.columns))
