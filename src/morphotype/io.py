@@ -126,11 +126,12 @@ def merge_tables(paths: list[str | os.PathLike], out: str | os.PathLike) -> pd.D
     tables = []
     for path in paths:
         table = read_table(path)
-        if tables and list(table.columns) != list(tables[0].columns) and len(table):
+        reference = next((t for t in tables if len(t)), None)  # empty tables may lack columns
+        if reference is not None and len(table) and list(table.columns) != list(reference.columns):
             raise MorphotypeInputError(
-                f"{path}: columns differ from {paths[0]} "
-                f"(extra {sorted(set(table.columns) - set(tables[0].columns))}, "
-                f"missing {sorted(set(tables[0].columns) - set(table.columns))})"
+                f"{path}: columns differ from an earlier table "
+                f"(extra {sorted(set(table.columns) - set(reference.columns))}, "
+                f"missing {sorted(set(reference.columns) - set(table.columns))})"
             )
         tables.append(table)
     non_empty = [t for t in tables if len(t)] or tables[:1]

@@ -37,6 +37,18 @@ PARAM_DEFAULTS: dict[str, object] = {
     "batch_size": 500,  # images per Nextflow task
 }
 
+# Parameters for Nextflow's infrastructure only (executors, staging); morphotype run accepts
+# and ignores them so that one params file serves both.
+INFRASTRUCTURE_PARAMS: dict[str, object] = {
+    "cellpose_models_dir": None,
+    "publish_dir_mode": "copy",
+    "slurm_queue": None,
+    "slurm_cluster_options": None,
+    "aws_queue": None,
+    "aws_region": "eu-west-1",
+    "aws_workdir": None,
+}
+
 # The order of the stages; workflows/morphotype.nf runs them in the same order.
 STAGES = ["samplesheet", "segment", "features"]
 
@@ -51,11 +63,13 @@ def load_params(params_file: str | Path | None, overrides: dict[str, object] | N
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise MorphotypeInputError(f"{path}: expected a mapping of parameter names to values")
-        unknown = sorted(set(loaded) - set(PARAM_DEFAULTS))
+        unknown = sorted(set(loaded) - set(PARAM_DEFAULTS) - set(INFRASTRUCTURE_PARAMS))
         if unknown:
             raise MorphotypeInputError(f"{path}: unknown parameter(s) {unknown}; known: {sorted(PARAM_DEFAULTS)}")
-        params.update(loaded)
+        params.update({k: v for k, v in loaded.items() if k in PARAM_DEFAULTS})
     for name, value in (overrides or {}).items():
+        if name in INFRASTRUCTURE_PARAMS:
+            continue
         if name not in PARAM_DEFAULTS:
             raise MorphotypeInputError(f"unknown parameter --{name}; known: {sorted(PARAM_DEFAULTS)}")
         params[name] = _coerce(value, PARAM_DEFAULTS[name])
