@@ -487,3 +487,35 @@ def test_summary_json_records_method_and_outputs(scored, tmp_path):
     by_name = jump.summarise([scored["outdir"]], tmp_path, treatment_key="Metadata_Treatment")
     top = read_table(Path(by_name["outputs"]["enrichment_top"]))
     assert top[top["Metadata_Model"] == "final"]["Metadata_Treatment"].tolist() == [PLANTED]
+
+
+def test_run_scores_every_listed_plate_with_the_runs_models(tmp_path, synthetic_plates, model_dirs, crops_dir,
+                                                             scored):
+    """`morphotype run` with jump_plates: one score per plate with <outdir>/models, then the summary."""
+    import yaml
+
+    from morphotype.cli import main
+
+    final, shuffled = model_dirs
+    outdir = tmp_path / "out"
+    for model in (final, shuffled):
+        shutil.copytree(model, outdir / "models" / model.name)
+    family = final.name.removesuffix("__final")
+    assert shuffled.name == f"{family}__shuffled"
+    plate_list = tmp_path / "plates.txt"
+    plate_list.write_text("# CPJUMP1 plates\n" + "\n".join(str(p) for p in synthetic_plates.values()) + "\n")
+    image = sorted((crops_dir / "Interphase").glob("*.png"))[0]
+    sheet = tmp_path / "sheet.csv"
+    pd.DataFrame({"image": [str(image)], "plate": ["P"], "well": ["1"], "site": [1], "frame": [0]}).to_csv(
+        sheet, index=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"input": str(sheet), "remove_edge_objects": False, "train_models": False,
+                                      "jump_plates": str(plate_list), "jump_model": family, "jump_top_n": 5}))
+    assert main(["run", str(params), "--outdir", str(outdir), "--workers", "1"]) == 0
+    for plate in PLATES:
+        assert (outdir / "jump" / "plates" / f"{plate}.summary.json").is_file()
+    enrichment = read_table(outdir / "jump" / "summary" / "enrichment.parquet")
+    expected = read_table(scored["outdir"] / "summary" / "enrichment.parquet")
+    pd.testing.assert_frame_equal(enrichment, expected)  # the same as scoring plate by plate
+    html = (outdir / "report" / "index.html").read_text()
+    assert 'id="jump"' in html and PLANTED in html

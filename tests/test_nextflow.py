@@ -49,7 +49,7 @@ WORKFLOW_PARAMS = {"input", "mitocheck_crops", "outdir", "batch_size"}
 # Each science param, by the call whose command line carries it: (call, argparse dest, to_option).
 PARAM_OPTIONS = {
     "segmentation_backend": ("MORPHOTYPE_SEGMENT", "backend", lambda v: v),
-    "cellpose_model": ("MORPHOTYPE_SEGMENT", "model", lambda v: v),
+    "cellpose_model": ("MORPHOTYPE_SEGMENT", "cellpose_model", lambda v: v),
     "cellpose_diameter": ("MORPHOTYPE_SEGMENT", "diameter", float),
     "cellpose_flow_threshold": ("MORPHOTYPE_SEGMENT", "flow_threshold", float),
     "cellpose_cellprob_threshold": ("MORPHOTYPE_SEGMENT", "cellprob_threshold", float),

@@ -33,7 +33,7 @@ def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--backend", choices=["threshold", "cellpose"], default=d["segmentation_backend"],
                         help="segmentation backend")
-    parser.add_argument("--model", default=d["cellpose_model"],
+    parser.add_argument("--cellpose-model", default=d["cellpose_model"],
                         help="cellpose: model name in Cellpose's model cache, or a path to weights")
     parser.add_argument("--diameter", type=float, default=d["cellpose_diameter"],
                         help="cellpose: nucleus diameter in pixels (0 = estimate)")
@@ -44,6 +44,56 @@ def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=d["min_nucleus_size"], help="smallest nucleus in pixels")
     parser.add_argument("--keep-edge-objects", action="store_true",
                         help="keep nuclei that touch the image border (removed by default)")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from morphotype.run import PARAM_DEFAULTS as d
+
+    parser.add_argument("--features", type=Path, required=True, help="single-cell table (Parquet)")
+    parser.add_argument("--outdir", type=Path, required=True, help="writes <outdir>/models and <outdir>/evaluation")
+    parser.add_argument("--feature-spaces", nargs="+", default=d["feature_spaces"].split(","),
+                        help="CP, DP, CP_and_DP, CP_areashape, CP_zernike, SSL, CP_and_SSL (absent ones are skipped)")
+    parser.add_argument("--class-balance", choices=["both", "balanced", "unbalanced"], default=d["class_balance"])
+    parser.add_argument("--no-shuffled", dest="shuffled", action="store_false", help="skip shuffled baselines")
+    parser.add_argument("--no-binary", dest="binary", action="store_false", help="skip one-vs-rest models")
+    parser.add_argument("--cv-folds", type=int, default=d["cv_folds"])
+    parser.add_argument("--grid-c", default=d["grid_c"], help="comma-separated inverse regularisation strengths")
+    parser.add_argument("--grid-l1-ratio", default=d["grid_l1_ratio"], help="comma-separated L1 ratios")
+    parser.add_argument("--split", choices=["cell", "image"], default=d["split"],
+                        help="cell: the study's 85/15 stratified split; image: whole images held out")
+    parser.add_argument("--exclude-phenotypes", default=d["exclude_phenotypes"], help="comma-separated")
+    parser.add_argument("--no-loio", dest="loio", action="store_false", help="skip leave-one-image-out")
+    parser.add_argument("--loio-feature-spaces", default="", help="comma-separated; LOIO only for these (default: all)")
+    parser.add_argument("--no-umap", dest="umap", action="store_false", help="skip UMAP embeddings")
+    parser.add_argument("--seed", type=int, default=d["random_state"], help="random state")
+    parser.add_argument("--no-evaluation", dest="evaluation", action="store_false",
+                        help="write <outdir>/models only ('morphotype evaluate' follows, as in the Nextflow fan-out)")
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`morphotype.models.train_all` from the train options."""
+    def numbers(text: str) -> list[float]:
+        try:
+            return [float(v) for v in str(text).split(",") if v.strip()]
+        except ValueError as error:
+            raise MorphotypeInputError(f"expected comma-separated numbers, got {text!r}") from error
+
+    balance = {"both": (True, False), "balanced": (True,), "unbalanced": (False,)}[args.class_balance]
+    spaces = [s for item in args.feature_spaces for s in str(item).split(",") if s]
+    return dict(
+        feature_spaces=spaces,
+        balanced=balance,
+        shuffled=(False, True) if args.shuffled else (False,),
+        binary=args.binary,
+        grid={"C": numbers(args.grid_c), "l1_ratio": numbers(args.grid_l1_ratio)},
+        cv_folds=args.cv_folds,
+        split_method=args.split,
+        exclude_phenotypes=[p for p in str(args.exclude_phenotypes).split(",") if p],
+        loio=args.loio,
+        loio_feature_spaces=[s for s in str(args.loio_feature_spaces).split(",") if s] or None,
+        umap=args.umap,
+        random_state=args.seed,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +234,125 @@ def build_parser() -> argparse.ArgumentParser:
     summarise.add_argument("--min-shift", type=float, default=0.1,
                            help="smallest median-probability shift that counts as enrichment")
 
+    train = commands.add_parser(
+        "train",
+        help="train and evaluate the phenotype models of a single-cell table",
+        description="Multinomial elastic-net logistic regression per feature space, class-balanced or not, "
+        "with shuffled baselines and one-vs-rest models; grid search with stratified CV; evaluation on the "
+        "held-out split, leave-one-image-out, silhouette and UMAP.",
+        epilog="Example: morphotype train --features results/features/single_cells.parquet --outdir results "
+        "--feature-spaces CP CP_areashape --cv-folds 5",
+        formatter_class=_Formatter,
+    )
+    _add_training_options(train)
+    _add_workers(train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predict phenotypes with a saved model: from a single-cell table, or segment+measure a samplesheet",
+        epilog="Example: morphotype predict --model results/models/CP__balanced --samplesheet sheet.csv "
+        "--out predictions.parquet",
+        formatter_class=_Formatter,
+    )
+    predict.add_argument("--model", type=Path, required=True, help="model directory (with model_card.json)")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samplesheet", type=Path, help="images to segment, measure and predict")
+    source.add_argument("--features", type=Path, help="a single-cell table that already has the features")
+    predict.add_argument("--out", type=Path, required=True, help="predictions Parquet to write")
+    predict.add_argument("--tolerance", type=float, default=5.0,
+                         help="max distance in pixels from an annotated centre to its nucleus")
+    _add_segmentation_options(predict)
+    _add_workers(predict)
+
+    loio = commands.add_parser(
+        "loio",
+        help="leave-one-image-out for one chunk of the images (a Nextflow fan-out task)",
+        description="For each image of the chunk, refit every multiclass model of MODELS with its selected "
+        "hyper-parameters on all other images and predict the held-out image's cells.",
+        epilog="Example: morphotype loio --features single_cells.parquet --models models --chunk 0 --chunks 8 "
+        "--out loio_0.parquet",
+        formatter_class=_Formatter,
+    )
+    loio.add_argument("--features", type=Path, required=True, help="single-cell table the models were trained on")
+    loio.add_argument("--models", type=Path, required=True, help="models folder written by 'morphotype train'")
+    loio.add_argument("--chunk", type=int, default=0, help="which chunk of images (0-based)")
+    loio.add_argument("--chunks", type=int, default=1, help="how many chunks the images are cut into")
+    loio.add_argument("--out", type=Path, required=True, help="per-cell LOIO predictions (Parquet) to write")
+    _add_workers(loio)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate trained models: F1, PR curves, confusion, coefficients, silhouette, UMAP, LOIO",
+        description="Joins one or more models folders into OUTDIR/models and writes OUTDIR/evaluation. "
+        "LOIO comes from --loio files ('morphotype loio' chunks); without them LOIO tables are computed here "
+        "unless --no-loio.",
+        epilog="Example: morphotype evaluate --features single_cells.parquet --models CP/models CP_areashape/models "
+        "--loio loio_*.parquet --outdir results",
+        formatter_class=_Formatter,
+    )
+    evaluate.add_argument("--features", type=Path, required=True, help="single-cell table the models were trained on")
+    evaluate.add_argument("--models", type=Path, nargs="+", required=True, help="models folders, in feature-space order")
+    evaluate.add_argument("--loio", type=Path, nargs="*", default=None, help="LOIO prediction files of every chunk")
+    evaluate.add_argument("--no-loio", dest="run_loio", action="store_false", help="no LOIO tables")
+    evaluate.add_argument("--loio-feature-spaces", default="", help="comma-separated; LOIO only for these (default: all)")
+    evaluate.add_argument("--no-umap", dest="umap", action="store_false", help="skip UMAP embeddings")
+    evaluate.add_argument("--seed", type=int, default=0, help="random state (UMAP, silhouette)")
+    evaluate.add_argument("--outdir", type=Path, required=True, help="writes <outdir>/models and <outdir>/evaluation")
+    _add_workers(evaluate)
+
+    deep = commands.add_parser(
+        "deep-features",
+        help="add deep features to a single-cell table: EfficientNet-B0 (DeepProfiler) or a trained encoder",
+        description="DP__efficientnet_0..1279 from EfficientNet-B0's avg_pool on a box around each nucleus "
+        "(--weights: Keras ImageNet .h5 or torch state dict; nothing is downloaded), or SSL__* from an encoder "
+        "written by 'morphotype encoder train' (--encoder). Columns are joined by Metadata_CellID.",
+        epilog="Example: morphotype deep-features --features single_cells.parquet --weights "
+        "efficientnetb0_notop.h5 --out single_cells.dp.parquet",
+        formatter_class=_Formatter,
+    )
+    deep.add_argument("--features", type=Path, required=True, help="single-cell table (with Metadata_Image)")
+    extractor = deep.add_mutually_exclusive_group(required=True)
+    extractor.add_argument("--weights", help="EfficientNet-B0 weights file ('random' only for tests)")
+    extractor.add_argument("--encoder", type=Path, help="encoder folder (encoder.json + encoder.pt)")
+    deep.add_argument("--out", type=Path, required=True, help="table with the deep columns added")
+    deep.add_argument("--box-size", type=int, default=128, help="EfficientNet: box around each nucleus in pixels")
+    deep.add_argument("--pad-mode", choices=["constant", "edge", "reflect", "symmetric"], default="constant",
+                      help="how boxes reaching past the image border are filled")
+    deep.add_argument("--batch-size", type=int, default=32, help="boxes per forward pass")
+    deep.add_argument("--seed", type=int, default=0)
+    _add_workers(deep)
+
+    encoder = commands.add_parser("encoder", help="the in-domain self-supervised nucleus encoder",
+                                  formatter_class=_Formatter,
+                                  epilog="Example: morphotype encoder train --features single_cells.parquet "
+                                  "--outdir encoder")
+    encoder_commands = encoder.add_subparsers(dest="encoder_command", required=True, metavar="STEP")
+    encoder_train = encoder_commands.add_parser(
+        "train",
+        help="train the encoder (SimCLR) on nucleus crops of the training split only, without labels",
+        epilog="Example: morphotype encoder train --features single_cells.parquet --outdir encoder --epochs 6",
+        formatter_class=_Formatter,
+    )
+    encoder_train.add_argument("--features", type=Path, required=True, help="single-cell table (with Metadata_Image)")
+    encoder_train.add_argument("--outdir", type=Path, required=True, help="writes encoder.pt and encoder.json")
+    encoder_train.add_argument("--split", choices=["cell", "image"], default="cell",
+                               help="the models' split: held-out cells and images are never seen")
+    encoder_train.add_argument("--exclude-phenotypes", default="Folded", help="comma-separated, as for train")
+    encoder_train.add_argument("--crop-size", type=int, default=64)
+    encoder_train.add_argument("--epochs", type=int, default=6)
+    encoder_train.add_argument("--batch-size", type=int, default=128)
+    encoder_train.add_argument("--seed", type=int, default=0)
+    _add_workers(encoder_train)
+
+    report = commands.add_parser(
+        "report",
+        help="write the HTML report (every figure, tables beside them) of a run's output folder",
+        epilog="Example: morphotype report results   # writes results/report/index.html",
+        formatter_class=_Formatter,
+    )
+    report.add_argument("outdir", type=Path, help="a run's output folder (models/, evaluation/, jump/, ...)")
+    report.add_argument("--report-dir", type=Path, default=None, help="where to write (default: OUTDIR/report)")
+
     merge = commands.add_parser(
         "merge",
         help="concatenate tables of the same kind (per-batch outputs) in the given order",
@@ -228,16 +397,22 @@ def _parse_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _command_segment(args) -> str:
-    from morphotype.pipeline import SegmentationOptions, segment_samplesheet
-    from morphotype.samplesheet import read_samplesheet
+def _segmentation_options(args):
+    from morphotype.pipeline import SegmentationOptions
 
     extra = {}
     if args.backend == "cellpose":
-        extra = {"model": args.model, "diameter": args.diameter, "flow_threshold": args.flow_threshold,
+        extra = {"model": args.cellpose_model, "diameter": args.diameter, "flow_threshold": args.flow_threshold,
                  "cellprob_threshold": args.cellprob_threshold, "gpu": args.gpu}
-    options = SegmentationOptions(args.backend, not args.keep_edge_objects, args.min_size, tuple(sorted(extra.items())))
-    summary = segment_samplesheet(read_samplesheet(args.samplesheet), args.outdir, options, workers=args.workers)
+    return SegmentationOptions(args.backend, not args.keep_edge_objects, args.min_size, tuple(sorted(extra.items())))
+
+
+def _command_segment(args) -> str:
+    from morphotype.pipeline import segment_samplesheet
+    from morphotype.samplesheet import read_samplesheet
+
+    summary = segment_samplesheet(read_samplesheet(args.samplesheet), args.outdir, _segmentation_options(args),
+                                  workers=args.workers)
     return f"{len(summary)} masks ({summary['objects'].sum()} nuclei) in {args.outdir}"
 
 
@@ -302,6 +477,148 @@ def _command_jump(args) -> str:
     return f"{len(args.plate_outputs)} plates summarised in {args.outdir}"
 
 
+def _command_train(args) -> str:
+    from morphotype.io import read_table
+    from morphotype.models import train_all, train_models, write_models, write_results
+
+    settings = train_settings(args)
+    table = read_table(args.features)
+    if not args.evaluation:
+        for name in ("loio", "loio_feature_spaces", "umap"):
+            settings.pop(name)
+        results = train_models(table, n_jobs=args.workers or 2, **settings)
+        write_models(results, args.outdir / "models")
+        return f"{len(results.models)} models in {args.outdir / 'models'}"
+    results = train_all(table, n_jobs=args.workers or 2, **settings)
+    write_results(results, args.outdir)
+    skipped = "; skipped: " + ", ".join(results.skipped_feature_spaces) if results.skipped_feature_spaces else ""
+    return f"{len(results.models)} models in {args.outdir / 'models'}, evaluation in {args.outdir / 'evaluation'}{skipped}"
+
+
+def _command_predict(args) -> str:
+    import tempfile
+
+    from morphotype.io import read_table, write_table
+    from morphotype.models import load_model, predict_table
+
+    model = load_model(args.model)
+    if args.features is not None:
+        cells = read_table(args.features)
+    else:
+        from morphotype.pipeline import SegmentationOptions, measure_samplesheet, segment_samplesheet
+        from morphotype.samplesheet import read_samplesheet
+
+        sheet = read_samplesheet(args.samplesheet)
+        with tempfile.TemporaryDirectory(prefix="morphotype-masks-") as masks:
+            segment_samplesheet(sheet, masks, _segmentation_options(args), workers=args.workers)
+            cells, _ = measure_samplesheet(sheet, masks, tolerance=args.tolerance, workers=args.workers)
+    predictions = predict_table(model, cells)
+    write_table(predictions, args.out)
+    return f"{len(predictions)} cells predicted with {model.model_id} in {args.out}"
+
+
+def _command_loio(args) -> str:
+    import pandas as pd
+
+    from morphotype.evaluate import leave_one_image_out, loio_image_chunk
+    from morphotype.io import read_table, write_table
+    from morphotype.models import load_models, prepare_data
+
+    table = read_table(args.features)
+    trained = load_models(args.models)
+    frames, images = [], 0
+    for space in dict.fromkeys(m.feature_space for m in trained.models.values() if m.model_type == "multiclass"):
+        space_models = [m for m in trained.models.values() if m.feature_space == space and m.model_type == "multiclass"]
+        training = space_models[0].training
+        data = prepare_data(table, space, exclude_phenotypes=training.get("exclude_phenotypes", ["Folded"]),
+                            drop_positional=training.get("drop_positional", False))
+        chunk = loio_image_chunk(data, args.chunk, args.chunks)
+        images = max(images, len(chunk))
+        for model in space_models:
+            frames.append(leave_one_image_out(model, data, images=chunk, n_jobs=args.workers or 2))
+    frames = [f for f in frames if len(f)]
+    predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"model_id": []})
+    write_table(predictions, args.out)
+    return f"LOIO chunk {args.chunk}/{args.chunks}: {images} images, {len(predictions)} predictions in {args.out}"
+
+
+def _command_evaluate(args) -> str:
+    import pandas as pd
+
+    from morphotype.evaluate import evaluate_models, write_evaluation
+    from morphotype.io import read_table
+    from morphotype.models import combine_results, load_models, write_models
+
+    table = read_table(args.features)
+    results = combine_results([load_models(folder) for folder in args.models])
+    collected = None
+    if args.loio:
+        chunks = [chunk for chunk in (read_table(path) for path in args.loio) if len(chunk)]
+        collected = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame({"model_id": []})
+    loio_spaces = [s for s in args.loio_feature_spaces.split(",") if s] or None
+    results.tables = evaluate_models(results, table, loio=args.run_loio, loio_feature_spaces=loio_spaces,
+                                     umap=args.umap, n_jobs=args.workers or 2, random_state=args.seed,
+                                     loio_predictions=collected)
+    results.settings.update({"loio": args.run_loio, "loio_feature_spaces": loio_spaces, "umap": args.umap,
+                             "silhouette": True})
+    write_models(results, args.outdir / "models")
+    write_evaluation(results, args.outdir / "evaluation")
+    return f"{len(results.models)} models evaluated; tables in {args.outdir / 'evaluation'}"
+
+
+def _command_deep_features(args) -> str:
+    import torch
+
+    from morphotype import deep
+    from morphotype.io import read_table, write_table
+
+    if args.workers:
+        torch.set_num_threads(args.workers)
+    table = read_table(args.features)
+    if args.encoder is not None:
+        added = deep.ssl_features(table, deep.load_encoder(args.encoder), pad_mode=args.pad_mode,
+                                  batch_size=args.batch_size)
+    else:
+        added = deep.deep_features(table, weights=args.weights, box_size=args.box_size, pad_mode=args.pad_mode,
+                                   batch_size=args.batch_size, random_state=args.seed)
+    clash = [c for c in added.columns[1:] if c in table.columns]
+    joined = table.drop(columns=clash).merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
+    write_table(joined, args.out)
+    return f"{added.shape[1] - 1} deep features for {len(added)} cells in {args.out}"
+
+
+def _command_encoder(args) -> str:
+    import torch
+
+    from morphotype import deep
+    from morphotype.io import read_table
+    from morphotype.models import CELL_ID, IMAGE_ID
+    from morphotype.run import encoder_held_out_cells
+
+    if args.workers:
+        torch.set_num_threads(args.workers)
+    table = read_table(args.features)
+    held_out = encoder_held_out_cells(table, split=args.split,
+                                      exclude_phenotypes=[p for p in args.exclude_phenotypes.split(",") if p])
+    training = table[~table[CELL_ID].isin(held_out)].reset_index(drop=True)
+    crops = deep.table_boxes(training, args.crop_size)
+    encoder = deep.train_encoder(crops, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                                 n_source_images=int(training[IMAGE_ID].nunique()))
+    encoder.card["held_out_cells"] = len(held_out)
+    encoder.card["split"] = args.split
+    deep.save_encoder(encoder, args.outdir)
+    return (f"encoder trained on {len(crops)} crops of {training[IMAGE_ID].nunique()} images "
+            f"({len(held_out)} held-out cells unseen), loss {encoder.card['loss_curve'][0]:.3f} -> "
+            f"{encoder.card['loss_curve'][-1]:.3f}; saved in {args.outdir}")
+
+
+def _command_report(args) -> str:
+    from morphotype.report import write_report
+
+    path = write_report(args.outdir, report_dir=args.report_dir)
+    return f"report in {path}"
+
+
 def _command_merge(args) -> str:
     from morphotype.io import merge_tables
 
@@ -359,6 +676,13 @@ def main(argv: list[str] | None = None) -> int:
         "stream": _command_stream,
         "normalize": _command_normalize,
         "jump": _command_jump,
+        "train": _command_train,
+        "predict": _command_predict,
+        "loio": _command_loio,
+        "evaluate": _command_evaluate,
+        "deep-features": _command_deep_features,
+        "encoder": _command_encoder,
+        "report": _command_report,
     }
     try:
         summary = _command_run(args, extra) if args.command == "run" else handlers[args.command](args)

@@ -24,7 +24,16 @@ log = logging.getLogger(__name__)
 PARAM_DEFAULTS: dict[str, object] = {
     "input": None,  # samplesheet CSV (assets/schema_input.json)
     "mitocheck_crops": None,  # or: a folder of MitoCheck crops (class folders + manifest.csv)
+    "idr_plates": None,  # or: comma-separated idr0013-screenA plates streamed from the IDR ("all": every labelled plate)
     "outdir": "results",
+    # IDR streaming
+    "idr_labelled": True,  # the frames with MitoCheck annotations
+    "idr_controls": "negative",  # comma-separated control kinds: one drawn frame per control well
+    "idr_base_url": None,  # IDR file server (HTTP(S) or FTP mirror); None: the IDR's own
+    "idr_cache": None,  # frame cache; None: <outdir>/idr/frames
+    "illumination_correction": True,  # BaSiC on neighbouring frames (ic); false: raw frames (no_ic)
+    "idr_movies_per_batch": 4,  # whole movies held in scratch at a time
+    "idr_seed": 0,  # draw of the control frames
     "segmentation_backend": "threshold",  # threshold | cellpose
     "cellpose_model": "cyto",  # model name in Cellpose's cache, or a path to weights
     "cellpose_diameter": 0.0,  # 0: estimated by Cellpose's size model
@@ -35,6 +44,32 @@ PARAM_DEFAULTS: dict[str, object] = {
     "remove_edge_objects": True,
     "annotation_tolerance": 5.0,  # pixels from an annotated centre to the nearest mask
     "batch_size": 500,  # images per Nextflow task
+    # deep features (off unless given)
+    "deep_weights": None,  # EfficientNet-B0 weights (.h5 / torch) -> DP__ features
+    "deep_box_size": 128,
+    "ssl_encoder": None,  # encoder folder, or "train": learn one on this run's training split -> SSL__ features
+    "encoder_epochs": 6,
+    # models (comma-separated lists are strings: Nextflow params are scalars)
+    "train_models": True,
+    "feature_spaces": "CP,DP,CP_and_DP,CP_areashape,CP_zernike",  # absent spaces are skipped
+    "class_balance": "both",  # balanced | unbalanced | both
+    "shuffled_baselines": True,
+    "binary_models": True,
+    "cv_folds": 10,
+    "grid_c": "0.001,0.01,0.1,1,10,100,1000",
+    "grid_l1_ratio": "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+    "split": "cell",  # cell: the study's 85/15 split; image: whole images held out
+    "exclude_phenotypes": "Folded",
+    "loio": True,
+    "loio_feature_spaces": "",  # comma-separated; empty: every feature space
+    "umap": True,
+    "random_state": 0,
+    # JUMP Cell Painting pilot (off unless given)
+    "jump_plates": None,  # text file: one plate SQLite path or URL per line
+    "jump_model": "CP_areashape__balanced",  # <model>__final and <model>__shuffled from <outdir>/models
+    "jump_min_cells": 50,
+    "jump_top_n": 10,
+    "report": True,  # <outdir>/report/index.html
 }
 
 # Parameters for Nextflow's infrastructure only (executors, staging); morphotype run accepts
@@ -47,10 +82,11 @@ INFRASTRUCTURE_PARAMS: dict[str, object] = {
     "aws_queue": None,
     "aws_region": "eu-west-1",
     "aws_workdir": None,
+    "loio_chunks": 8,  # LOIO tasks per feature space
 }
 
 # The order of the stages; workflows/morphotype.nf runs them in the same order.
-STAGES = ["samplesheet", "segment", "features"]
+STAGES = ["samplesheet", "stream", "segment", "features", "deep_features", "train", "jump", "report"]
 
 
 def load_params(params_file: str | Path | None, overrides: dict[str, object] | None = None) -> dict:
@@ -73,8 +109,10 @@ def load_params(params_file: str | Path | None, overrides: dict[str, object] | N
         if name not in PARAM_DEFAULTS:
             raise MorphotypeInputError(f"unknown parameter --{name}; known: {sorted(PARAM_DEFAULTS)}")
         params[name] = _coerce(value, PARAM_DEFAULTS[name])
-    if not params["input"] and not params["mitocheck_crops"]:
-        raise MorphotypeInputError("give either 'input' (a samplesheet) or 'mitocheck_crops' (a crops folder)")
+    sources = [name for name in ("input", "mitocheck_crops", "idr_plates") if params[name]]
+    if len(sources) != 1:
+        raise MorphotypeInputError("give exactly one of 'input' (a samplesheet), 'mitocheck_crops' (a crops folder) "
+                                   f"or 'idr_plates' (IDR plates); got {sources or 'none'}")
     return params
 
 
@@ -114,8 +152,38 @@ def segmentation_options(params: dict):
     )
 
 
+def training_settings(params: dict) -> dict:
+    """Keyword arguments of :func:`morphotype.models.train_all` from the params."""
+    from morphotype.cli import build_parser, train_settings
+
+    argv = ["train", "--features", "-", "--outdir", "-", *training_options(params)]
+    return train_settings(build_parser().parse_args(argv))
+
+
+def training_options(params: dict) -> list[str]:
+    """The ``morphotype train`` options that the params stand for (Nextflow passes the same)."""
+    options = [
+        "--feature-spaces", *str(params["feature_spaces"]).split(","),
+        "--class-balance", str(params["class_balance"]),
+        "--cv-folds", str(params["cv_folds"]),
+        "--grid-c", str(params["grid_c"]),
+        "--grid-l1-ratio", str(params["grid_l1_ratio"]),
+        "--split", str(params["split"]),
+        "--exclude-phenotypes", str(params["exclude_phenotypes"]),
+        "--seed", str(params["random_state"]),
+    ]
+    if params["loio_feature_spaces"]:
+        options += ["--loio-feature-spaces", str(params["loio_feature_spaces"])]
+    options += [] if params["shuffled_baselines"] else ["--no-shuffled"]
+    options += [] if params["binary_models"] else ["--no-binary"]
+    options += [] if params["loio"] else ["--no-loio"]
+    options += [] if params["umap"] else ["--no-umap"]
+    return options
+
+
 def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
-    """Run every stage; return the main outputs by name."""
+    """Run every stage of :data:`STAGES` that the params switch on; return the main outputs by name."""
+    from morphotype.io import write_table
     from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
     from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
 
@@ -127,12 +195,36 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     # samplesheet
     if params["input"]:
         sheet_path = Path(params["input"])
-    else:
+    elif params["mitocheck_crops"]:
         sheet_path = write_samplesheet(
             from_mitocheck_crops(params["mitocheck_crops"]), outdir / "samplesheet" / "samplesheet.csv"
         )
-    sheet = read_samplesheet(sheet_path)
+    else:
+        from morphotype import idr
+
+        plates = None if str(params["idr_plates"]) == "all" else _names(params["idr_plates"])
+        extra = {"base_url": params["idr_base_url"]} if params["idr_base_url"] else {}
+        sheet_path = write_samplesheet(
+            idr.idr_samplesheet(plates, labelled=bool(params["idr_labelled"]), controls=_names(params["idr_controls"]),
+                                seed=int(params["idr_seed"]), **extra),
+            outdir / "samplesheet" / "samplesheet.csv")
     outputs["samplesheet"] = sheet_path
+
+    # stream: movie frames from the IDR into the frame cache, illumination-corrected
+    if params["idr_plates"]:
+        from morphotype import idr
+
+        remote = read_samplesheet(sheet_path, check_files=False)
+        frames, stats = idr.stream_frames(
+            remote, Path(params["idr_cache"] or outdir / "idr" / "frames"),
+            variant="ic" if params["illumination_correction"] else "no_ic",
+            options=idr.FetchOptions(batch_size=int(params["idr_movies_per_batch"])))
+        sheet_path = write_samplesheet(frames.drop(columns=["file_id", "image_id"], errors="ignore"),
+                                       outdir / "idr" / "frames.csv")
+        outputs["frames"] = sheet_path
+        log.info("stream: %d frames written, %d from cache, %.1f MB downloaded", stats.frames_written,
+                 stats.frames_from_cache, stats.bytes_downloaded / 1e6)
+    sheet = read_samplesheet(sheet_path)
 
     # segment
     masks_dir = outdir / "segmentation"
@@ -143,9 +235,57 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     cells, unmatched = measure_samplesheet(
         sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers
     )
-    outputs["features"], outputs["unmatched"] = write_features(
-        cells, unmatched, outdir / "features" / "single_cells.parquet"
-    )
+    features_path = outdir / "features" / "single_cells.parquet"
+    outputs["features"], outputs["unmatched"] = write_features(cells, unmatched, features_path)
+
+    # deep_features: DP__ (EfficientNet-B0) and/or SSL__ (in-domain encoder) columns
+    if params["deep_weights"] or params["ssl_encoder"]:
+        from morphotype import deep
+
+        if params["deep_weights"]:
+            added = deep.deep_features(cells, weights=params["deep_weights"], box_size=int(params["deep_box_size"]),
+                                       random_state=int(params["random_state"]))
+            cells = cells.merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
+        if params["ssl_encoder"]:
+            encoder_dir = Path(params["ssl_encoder"])
+            if str(params["ssl_encoder"]) == "train":
+                encoder_dir = outdir / "encoder"
+                deep.save_encoder(train_encoder_on_training_split(cells, params), encoder_dir)
+                outputs["encoder"] = encoder_dir
+            added = deep.ssl_features(cells, deep.load_encoder(encoder_dir))
+            cells = cells.merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
+        outputs["features"] = write_table(cells, features_path)
+
+    # train (+ evaluate)
+    if params["train_models"]:
+        from morphotype.models import train_all, write_results
+
+        results = train_all(cells, n_jobs=workers or 2, **training_settings(params))
+        evaluation = write_results(results, outdir)
+        outputs["models"] = outdir / "models"
+        outputs["evaluation"] = outdir / "evaluation"
+        log.info("trained %d models; evaluation tables: %s", len(results.models), ", ".join(sorted(evaluation)))
+
+    # jump: one plate at a time, then the summary across plates
+    if params["jump_plates"]:
+        from morphotype import jump
+
+        models_dir = outdir / "models"
+        plate_dir = outdir / "jump" / "plates"
+        for plate in jump_plate_list(params["jump_plates"]):
+            jump.score_plate(plate, models_dir / f"{params['jump_model']}__final",
+                             models_dir / f"{params['jump_model']}__shuffled", plate_dir,
+                             min_cells=int(params["jump_min_cells"]), seed=int(params["random_state"]))
+        jump.summarise(sorted(plate_dir.glob("*.summary.json")), outdir / "jump" / "summary",
+                       top_n=int(params["jump_top_n"]))
+        outputs["jump"] = outdir / "jump"
+
+    # report
+    if params["report"]:
+        from morphotype.report import write_report
+
+        outputs["report"] = write_report(outdir)
+
     annotated = int(sheet[["x", "y"]].notna().all(axis=1).sum())
     log.info(
         "run finished in %.0f s: %d cells; %d of %d annotations matched a nucleus, %d reported in %s",
@@ -153,6 +293,49 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         outputs["unmatched"],
     )
     return outputs
+
+
+def _names(value: object) -> list[str]:
+    return [item.strip() for item in str(value or "").split(",") if item.strip()]
+
+
+def jump_plate_list(path: str | Path) -> list[str]:
+    """Plate SQLite paths or URLs, one per line (blank lines and # comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MorphotypeInputError(f"jump_plates: {path} does not exist (expected a text file, one plate per line)")
+    plates = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not plates:
+        raise MorphotypeInputError(f"jump_plates: {path} lists no plate")
+    return plates
+
+
+def train_encoder_on_training_split(cells, params: dict):
+    """The in-domain encoder, trained on the crops of the models' training split only."""
+    from morphotype import deep
+
+    held_out = encoder_held_out_cells(cells, split=str(params["split"]),
+                                      exclude_phenotypes=_names(params["exclude_phenotypes"]))
+    training = cells[~cells[deep.CELL_ID].isin(held_out)].reset_index(drop=True)
+    encoder = deep.train_encoder(deep.table_boxes(training, 64), epochs=int(params["encoder_epochs"]),
+                                 seed=int(params["random_state"]), batch_size=128,
+                                 n_source_images=int(training["Metadata_ImageID"].nunique()))
+    encoder.card.update({"held_out_cells": len(held_out), "split": params["split"]})
+    return encoder
+
+
+def encoder_held_out_cells(cells, *, split: str, exclude_phenotypes) -> set:
+    """Cells the encoder must not see: the models' test split (same method and seed) and, for an
+    image split, every cell of a held-out image."""
+    from morphotype.models import CELL_ID, IMAGE_ID, prepare_data, split_cells
+
+    data = prepare_data(cells, "CP", exclude_phenotypes=exclude_phenotypes)
+    sides = split_cells(data.metadata, method=split)
+    held_out = set(data.metadata[CELL_ID][sides == "test"])
+    if split == "image":
+        held_images = set(data.metadata[IMAGE_ID][sides == "test"])
+        held_out |= set(cells.loc[cells[IMAGE_ID].isin(held_images), CELL_ID])
+    return held_out
 
 
 def _write_run_info(params: dict, outdir: Path) -> None:
