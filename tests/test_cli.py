@@ -203,6 +203,9 @@ def test_deep_features_join_by_cell_and_refuse_without_weights(labelled_cells, t
                  "--out", str(out)])
     assert code == EXIT_BAD_INPUT and not out.exists()
     assert "none.h5" in capsys.readouterr().err
+    code = main(["deep-features", "--features", str(labelled_cells), "--weights", "random", "--images",
+                 str(tmp_path), "--out", str(out)])  # images looked up by file name in an empty folder
+    assert code == EXIT_BAD_INPUT and f"not in {tmp_path}" in capsys.readouterr().err
     assert main(["deep-features", "--features", str(labelled_cells), "--weights", "random", "--out", str(out),
                  "--box-size", "64", "--batch-size", "16", "--workers", "2"]) == 0
     deep = pd.read_parquet(out)

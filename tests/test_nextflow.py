@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from jsonschema import Draft202012Validator
 
 from morphotype import __version__
 from morphotype.cli import build_parser
-from morphotype.run import PARAM_DEFAULTS, STAGES
+from morphotype.run import INFRASTRUCTURE_PARAMS, PARAM_DEFAULTS, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 NFLINT = REPO / "tests" / "nextflow" / "nflint.py"
@@ -44,10 +45,24 @@ MODULES = REPO / "modules" / "local"
 SKIP_DIRS = {"work", "results", "node_modules", "__pycache__", "null"}  # as nflint, plus hidden dirs
 # Allow-listed nflint findings may only be these (the offline plugin registry).
 OFFLINE_ONLY = (r"^Plugin 'nf-schema' does not exist", r"^Unrecognized config option 'validation\.")
-# Params the entry workflow handles itself rather than passing to a command as an option.
-WORKFLOW_PARAMS = {"input", "mitocheck_crops", "outdir", "batch_size"}
+# Params the entry workflow handles itself rather than passing to a command as an option: the
+# sources, the fan-outs and switches (which calls run), and files staged into tasks.
+WORKFLOW_PARAMS = {"input", "mitocheck_crops", "idr_plates", "outdir", "batch_size", "idr_cache", "deep_weights",
+                   "ssl_encoder", "train_models", "feature_spaces", "jump_plates", "report"}
+
+
+def _names(value) -> list[str]:
+    return [name for name in str(value or "").split(",") if name]
+
+
 # Each science param, by the call whose command line carries it: (call, argparse dest, to_option).
 PARAM_OPTIONS = {
+    "idr_labelled": ("MORPHOTYPE_SAMPLESHEET_IDR", "labelled", bool),
+    "idr_controls": ("MORPHOTYPE_SAMPLESHEET_IDR", "controls", _names),
+    "idr_base_url": ("MORPHOTYPE_SAMPLESHEET_IDR", "base_url", lambda v: v),
+    "idr_seed": ("MORPHOTYPE_SAMPLESHEET_IDR", "seed", int),
+    "illumination_correction": ("MORPHOTYPE_STREAM", "variant", lambda v: "ic" if v else "no_ic"),
+    "idr_movies_per_batch": ("MORPHOTYPE_STREAM", "batch_size", int),
     "segmentation_backend": ("MORPHOTYPE_SEGMENT", "backend", lambda v: v),
     "cellpose_model": ("MORPHOTYPE_SEGMENT", "cellpose_model", lambda v: v),
     "cellpose_diameter": ("MORPHOTYPE_SEGMENT", "diameter", float),
@@ -57,11 +72,38 @@ PARAM_OPTIONS = {
     "min_nucleus_size": ("MORPHOTYPE_SEGMENT", "min_size", int),
     "remove_edge_objects": ("MORPHOTYPE_SEGMENT", "keep_edge_objects", lambda v: not v),
     "annotation_tolerance": ("MORPHOTYPE_FEATURES", "tolerance", float),
+    "deep_box_size": ("DEEP_FEATURES_DP", "box_size", int),
+    "encoder_epochs": ("MORPHOTYPE_ENCODER_TRAIN", "epochs", int),
+    "class_balance": ("MORPHOTYPE_TRAIN", "class_balance", lambda v: v),
+    "shuffled_baselines": ("MORPHOTYPE_TRAIN", "shuffled", bool),
+    "binary_models": ("MORPHOTYPE_TRAIN", "binary", bool),
+    "cv_folds": ("MORPHOTYPE_TRAIN", "cv_folds", int),
+    "grid_c": ("MORPHOTYPE_TRAIN", "grid_c", lambda v: v),
+    "grid_l1_ratio": ("MORPHOTYPE_TRAIN", "grid_l1_ratio", lambda v: v),
+    "split": ("MORPHOTYPE_TRAIN", "split", lambda v: v),
+    "exclude_phenotypes": ("MORPHOTYPE_TRAIN", "exclude_phenotypes", lambda v: v),
+    "random_state": ("MORPHOTYPE_TRAIN", "seed", int),
+    "loio": ("MORPHOTYPE_EVALUATE", "run_loio", bool),
+    "loio_feature_spaces": ("MORPHOTYPE_EVALUATE", "loio_feature_spaces", lambda v: v),
+    "umap": ("MORPHOTYPE_EVALUATE", "umap", bool),
+    "jump_model": ("MORPHOTYPE_JUMP_SCORE", "model", lambda v: Path(f"models/{v}__final")),
+    "jump_min_cells": ("MORPHOTYPE_JUMP_SCORE", "min_cells", int),
+    "jump_top_n": ("MORPHOTYPE_JUMP_SUMMARISE", "top_n", int),
 }
 # Values unlike every default, to see each param reach its option.
 FLIPPED = {"segmentation_backend": "cellpose", "cellpose_model": "nuclei", "cellpose_diameter": 17.5,
            "cellpose_flow_threshold": 0.4, "cellpose_cellprob_threshold": -1.5, "use_gpu": True,
-           "min_nucleus_size": 40, "remove_edge_objects": False, "annotation_tolerance": 9.0}
+           "min_nucleus_size": 40, "remove_edge_objects": False, "annotation_tolerance": 9.0,
+           "idr_labelled": False, "idr_controls": "negative,positive", "idr_base_url": "ftp://mirror.example/idr",
+           "idr_seed": 7, "illumination_correction": False, "idr_movies_per_batch": 2, "deep_box_size": 96,
+           "encoder_epochs": 2, "class_balance": "balanced", "shuffled_baselines": False, "binary_models": False,
+           "cv_folds": 3, "grid_c": "0.1,1", "grid_l1_ratio": "0.5", "split": "image",
+           "exclude_phenotypes": "Folded,OutOfFocus", "random_state": 11, "loio": False,
+           "loio_feature_spaces": "CP,DP", "umap": False, "jump_model": "CP__unbalanced", "jump_min_cells": 10,
+           "jump_top_n": 3}
+# Values of a call's val inputs (other than meta) when its command is rendered on its own.
+VAL_INPUTS = {"plates": ["LT0003_40", "LT0004_06"], "model_kind": "weights"}
+ANY_META = {"id": "batch_00000", "batch": 0, "space": "CP", "index": 0, "chunk": 1, "chunks": 4}
 MANIFEST_STEP = 400  # every 400th crop of the shared manifest: 7 crops, 6 classes, 7 plates
 BATCH_SIZE = 4  # 7 crops -> batches of 4 and 3 images
 
@@ -386,11 +428,12 @@ def test_every_science_param_reaches_its_command_option():
     assert set(PARAM_OPTIONS) == set(PARAM_DEFAULTS) - WORKFLOW_PARAMS, "map each new param to its option"
     assert set(FLIPPED) == set(PARAM_OPTIONS)
     for name, value in FLIPPED.items():
-        assert value != PARAM_DEFAULTS[name] and type(value) is type(PARAM_DEFAULTS[name]), name
+        default = PARAM_DEFAULTS[name]
+        assert value != default and (default is None or type(value) is type(default)), name
 
 
 def example_params(path: Path) -> dict:
-    return {**PARAM_DEFAULTS, **yaml.safe_load(path.read_text())}
+    return {**PARAM_DEFAULTS, **INFRASTRUCTURE_PARAMS, **yaml.safe_load(path.read_text())}
 
 
 def test_examples_and_test_profile_are_valid_params(lint):
@@ -486,18 +529,23 @@ class Task:
     workdir: Path
     command: str
     outputs: dict[str, list[Path]]  # emit -> files
+    seconds: float = 0.0  # the command's wall time
 
 
 def stage(workdir: Path, value: object, stage_as: str | None) -> object:
-    """Link input files into the task folder as Nextflow does; the value as a script sees it."""
+    """Link input files into the task folder as Nextflow does; the value as a script sees it.
+
+    stageAs 'dir/*' puts each file into dir/; a run of '?' in dir is the file's 1-based index,
+    zero-padded to the run's length ('space??/*': space01/<name>, space02/<name>, ...)."""
     files = [value] if isinstance(value, Path) else list(value)
     names = []
-    for source in files:
+    for index, source in enumerate(files, start=1):
         if stage_as in (None, "*"):
             name = source.name
         else:
             assert stage_as.endswith("/*") and "*" not in stage_as[:-2], f"unsupported stageAs {stage_as}"
-            name = f"{stage_as[:-2]}/{source.name}"
+            folder = re.sub(r"\?+", lambda run: str(index).zfill(len(run.group())), stage_as[:-2])
+            name = f"{folder}/{source.name}"
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         assert not (workdir / name).exists(), f"input file name collision: {name}"
         (workdir / name).symlink_to(source.resolve())
@@ -539,40 +587,83 @@ class Runner:
                 variables[name] = item if kind == "val" else stage(workdir, item, stage_as)
         command, patterns = render(self.groovy, process, "stub" if self.stub else "script", variables)
         (workdir / ".command.sh").write_text(command)
+        started = time.perf_counter()
         result = subprocess.run(["bash", "-euo", "pipefail", ".command.sh"], cwd=workdir, env=self.env,
                                 capture_output=True, text=True, timeout=600)
+        seconds = time.perf_counter() - started
         assert result.returncode == 0, f"{call} failed:\n{command}\n{result.stdout}\n{result.stderr}"
         outputs = {}
         for emit, globs in patterns:
-            found = sorted({Path(p) for g in globs for p in glob.glob(str(workdir / g))
-                            if not Path(p).is_symlink()})  # staged inputs never count as outputs
+            # Nextflow's '**' crosses folders; staged inputs (links) never count as outputs
+            found = sorted({Path(p) for g in globs for p in glob.glob(str(workdir / g.replace("**.", "**/*.")),
+                                                                       recursive=True)
+                            if not Path(p).is_symlink()})
             assert found, f"{call}: output {emit} ({globs}) matched nothing in {sorted(os.listdir(workdir))}"
             outputs[emit] = found
         (versions,) = [o for o in process["outputs"] if o["topic"] == "versions"]
         probe = re.search(r"eval\('(.*)'\)", versions["text"]).group(1)
         version = subprocess.run(["bash", "-c", probe], cwd=workdir, env=self.env, capture_output=True, text=True)
         assert version.stdout.strip() == __version__, (call, version.stdout, version.stderr)
-        task = Task(call, workdir, command, outputs)
+        task = Task(call, workdir, command, outputs, seconds)
         self.tasks.append(task)
         return task
 
 
-def batches_from(groovy: Groovy, samplesheet: Path, size: int, folder: Path) -> list[tuple[dict, Path, list[Path]]]:
-    """What SAMPLESHEET does after the samplesheet exists: splitCsv, batch, collectFile."""
-    source = (REPO / "subworkflows" / "local" / "samplesheet" / "main.nf").read_text()
-    functions = source[source.index("def samplesheetBatches("):]
-    with samplesheet.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))  # splitCsv(header: true, quote: '"'): strings, '' when empty
+STREAM_FUNCTIONS = REPO / "subworkflows" / "local" / "stream" / "main.nf"
+
+
+def stream_groovy(groovy: Groovy, expression: str, **variables) -> object:
+    """Evaluate ``expression`` after the functions of subworkflows/local/stream/main.nf."""
+    source = STREAM_FUNCTIONS.read_text()
+    functions = source[source.index("def movieBatches("):]
     code = (f"def file(path) {{ new File(path.toString()) }}\n"
-            f"def error(String message) {{ throw new IllegalArgumentException(message) }}\n{functions}\n"
-            "samplesheetBatches(rows, size).collect { batch -> [batch[0], batch[1], batch[2]*.path] }")
+            f"def error(String message) {{ throw new IllegalArgumentException(message) }}\n{functions}\n{expression}")
+    return groovy(code, **variables)
+
+
+def read_rows(samplesheet: Path) -> list[dict]:
+    with samplesheet.open(newline="") as handle:
+        return list(csv.DictReader(handle))  # splitCsv(header: true, quote: '"'): strings, '' when empty
+
+
+def batches_from(groovy: Groovy, samplesheet: Path, size: int, folder: Path,
+                 rows: list[dict] | None = None) -> list[tuple[dict, Path, list[Path]]]:
+    """What STREAM does once the rows are known: batch, collectFile. ``rows`` whose image is a
+    file (a frame from MORPHOTYPE_STREAM) are given as {"image": {"file": path}, ...}."""
+    rows = read_rows(samplesheet) if rows is None else rows
+    expression = ("def asImage = { image -> image instanceof Map ? new File(image.file) : image }\n"
+                  "rows = rows.collect { row -> row + [image: asImage(row.image)] }\n"
+                  "samplesheetBatches(rows, size).collect { batch -> [batch[0], batch[1], batch[2]*.path] }")
     batches = []
     folder.mkdir(parents=True, exist_ok=True)
-    for meta, text, images in groovy(code, rows=rows, size=size):
+    for meta, text, images in stream_groovy(groovy, expression, rows=rows, size=size):
         sheet = folder / f"{meta['id']}.csv"
         sheet.write_text(text)
         batches.append((meta, sheet, [Path(image) for image in images]))
     return batches
+
+
+def movie_batches_from(groovy: Groovy, samplesheet: Path, size: int, folder: Path) -> list[tuple[dict, Path]]:
+    """STREAM's cut of a samplesheet of remote movie frames into batches of whole movies."""
+    batches = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for meta, text in stream_groovy(groovy, "movieBatches(rows, size)", rows=read_rows(samplesheet), size=size):
+        sheet = folder / f"{meta['id']}.csv"
+        sheet.write_text(text)
+        batches.append((meta, sheet))
+    return batches
+
+
+def frame_rows(groovy: Groovy, streamed: list["Task"]) -> list[dict]:
+    """STREAM's rows after MORPHOTYPE_STREAM: splitCsv of each task's sheet, `image` = its frame file."""
+    rows = []
+    for task in streamed:  # tasks in batch order
+        (sheet,) = [p for p in task.outputs["frames"] if p.suffix == ".csv"]
+        frames = [str(p) for p in task.outputs["frames"] if p.suffix != ".csv"]
+        expression = ("rows.collect { row -> localFrame(row, frames.collect { f -> new File(f) }) }"
+                      ".collect { row -> row + [image: [file: row.image.path]] }")
+        rows += stream_groovy(groovy, expression, rows=read_rows(sheet), frames=frames)
+    return rows
 
 
 def in_batch_order(tasks: list[Task], emit: str, id: str) -> list:
@@ -580,16 +671,36 @@ def in_batch_order(tasks: list[Task], emit: str, id: str) -> list:
 
 
 def simulate(root: Path, lint: Lint, groovy: Groovy, params: dict, *, stub: bool = False,
-             batch_size: int = BATCH_SIZE) -> dict[str, object]:
-    """workflows/morphotype.nf, call by call, for the crops (--mitocheck_crops) or a samplesheet (--input)."""
+             batch_size: int = BATCH_SIZE, idr_samplesheet: Path | None = None) -> dict[str, object]:
+    """workflows/morphotype.nf, call by call, for the crops (--mitocheck_crops), a samplesheet
+    (--input) or IDR plates (--idr_plates; ``idr_samplesheet`` stands in for the IDR's own
+    samplesheet, whose movies are on the internet)."""
     run = Runner(root, lint, groovy, params, stub=stub)
+    result: dict[str, object] = {"tasks": run.tasks}
     # samplesheet
     if params["input"]:
         samplesheet = Path(params["input"])
-    else:
+    elif params["mitocheck_crops"]:
         crops = run("MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS", [{"id": "samplesheet"}, Path(params["mitocheck_crops"])])
         (samplesheet,) = crops.outputs["samplesheet"]
-    batches = batches_from(groovy, samplesheet, batch_size, root / "collect-file")
+    else:
+        plates = [] if params["idr_plates"] == "all" else _names(params["idr_plates"])
+        idr = run("MORPHOTYPE_SAMPLESHEET_IDR", [{"id": "samplesheet"}, plates])
+        (samplesheet,) = idr.outputs["samplesheet"]
+        samplesheet = idr_samplesheet or samplesheet
+    result["samplesheet"] = samplesheet
+    # stream
+    if params["idr_plates"]:
+        movie_batches = movie_batches_from(groovy, samplesheet, int(params["idr_movies_per_batch"]),
+                                           root / "collect-file-movies")
+        streamed = [run("MORPHOTYPE_STREAM", [meta, sheet]) for meta, sheet in movie_batches]
+        frames = run("MERGE_FRAMES", [{"id": "frames"}, [p for task in streamed for p in task.outputs["frames"]
+                                                         if p.suffix == ".csv"]])
+        result.update(movie_batches=movie_batches, frames=frames.outputs["table"][0])
+        batches = batches_from(groovy, samplesheet, batch_size, root / "collect-file", frame_rows(groovy, streamed))
+    else:
+        batches = batches_from(groovy, samplesheet, batch_size, root / "collect-file")
+    result["batches"] = batches
     # segment
     segmented = [run("MORPHOTYPE_SEGMENT", [meta, sheet, images], []) for meta, sheet, images in batches]
     summary = run("MERGE_SEGMENTATION_SUMMARY", in_batch_order(segmented, "summary", "segmentation_summary"))
@@ -598,10 +709,69 @@ def simulate(root: Path, lint: Lint, groovy: Groovy, params: dict, *, stub: bool
                 for (meta, sheet, images), task in zip(batches, segmented)]
     features = run("MERGE_FEATURES", in_batch_order(measured, "features", "single_cells"))
     unmatched = run("MERGE_UNMATCHED", in_batch_order(measured, "unmatched", "unmatched"))
-    return {"samplesheet": samplesheet, "batches": batches, "tasks": run.tasks,
-            "masks": [m for task in segmented for m in task.outputs["masks"]],
-            "segmentation_summary": summary.outputs["table"][0],
-            "features": features.outputs["table"][0], "unmatched": unmatched.outputs["table"][0]}
+    result.update(masks=[m for task in segmented for m in task.outputs["masks"]],
+                  segmentation_summary=summary.outputs["table"][0], features=features.outputs["table"][0],
+                  unmatched=unmatched.outputs["table"][0])
+    # deep_features
+    tables = [(meta, task.outputs["features"][0]) for (meta, _, _), task in zip(batches, measured)]
+    images = {meta["id"]: batch_images for meta, _, batch_images in batches}
+    if params["deep_weights"]:
+        weights = Path(params["deep_weights"])
+        tables = [(meta, run("DEEP_FEATURES_DP", [meta, table, images[meta["id"]]], ["weights", weights])
+                   .outputs["features"][0]) for meta, table in tables]
+    if params["ssl_encoder"]:
+        encoder = Path(str(params["ssl_encoder"]))
+        if params["ssl_encoder"] == "train":
+            trained = run("MORPHOTYPE_ENCODER_TRAIN", [{"id": "encoder"}, result["features"],
+                                                       [i for _, _, batch_images in batches for i in batch_images]])
+            (encoder,) = trained.outputs["encoder"]
+            result["encoder"] = encoder
+        tables = [(meta, run("DEEP_FEATURES_SSL", [meta, table, images[meta["id"]]], ["encoder", encoder])
+                   .outputs["features"][0]) for meta, table in tables]
+    if params["deep_weights"] or params["ssl_encoder"]:
+        deep = run("MERGE_DEEP_FEATURES", [{"id": "single_cells"}, [table for _, table in tables]])
+        result["features"] = deep.outputs["table"][0]
+    cells = result["features"]
+    # train
+    if params["train_models"]:
+        spaces = [{"id": space, "space": space, "index": index}
+                  for index, space in enumerate(_names(params["feature_spaces"]))]
+        trained = [run("MORPHOTYPE_TRAIN", [meta, cells]) for meta in spaces]
+        loio_spaces = _names(params["loio_feature_spaces"])
+        chunks = int(params["loio_chunks"])
+        loio = [run("MORPHOTYPE_LOIO", [{**meta, "id": f"{meta['space']}.loio_{chunk}", "chunk": chunk,
+                                         "chunks": chunks}, cells, task.outputs["models"][0]])
+                for meta, task in zip(spaces, trained) if params["loio"] and (not loio_spaces or meta["space"] in loio_spaces)
+                for chunk in range(chunks)]
+        evaluated = run("MORPHOTYPE_EVALUATE", [{"id": "evaluation"}, cells,
+                                                [task.outputs["models"][0] for task in trained],
+                                                [task.outputs["predictions"][0] for task in loio]])
+        result.update(space_models=[task.outputs["models"][0] for task in trained],
+                      loio=[task.outputs["predictions"][0] for task in loio],
+                      models=evaluated.outputs["models"][0], evaluation=evaluated.outputs["evaluation"][0])
+    # jump
+    if params["jump_plates"]:
+        from morphotype.run import jump_plate_list
+
+        plates = sorted(Path(plate) for plate in jump_plate_list(params["jump_plates"]))
+        scored = [run("MORPHOTYPE_JUMP_SCORE", [{"id": plate.stem}, plate], result["models"]) for plate in plates]
+        summary = run("MORPHOTYPE_JUMP_SUMMARISE", [
+            {"id": "summary"}, [p for task in scored for p in task.outputs["plate"] if p.suffix == ".json"],
+            [p for task in scored for p in task.outputs["plate"] if p.suffix == ".parquet"]])
+        result.update(jump_plates=[p for task in scored for p in task.outputs["plate"]],
+                      jump_summary=summary.outputs["summary"][0])
+    # report: pipeline_info/params.yaml and versions.json as main.nf's runInfo() writes them
+    if params["report"]:
+        info = root / "pipeline_info"
+        info.mkdir()
+        science = {name: params[name] for name in PARAM_DEFAULTS}
+        (info / "params.yaml").write_text(yaml.safe_dump(science, sort_keys=True))
+        (info / "versions.json").write_text(json.dumps({"morphotype": __version__}))
+        report = run("MORPHOTYPE_REPORT", [{"id": "report"}, [info / "params.yaml", info / "versions.json"], [cells],
+                                           result.get("models", []), result.get("evaluation", []),
+                                           result.get("jump_summary", [])])
+        result["report"] = report.outputs["report"][0]
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -618,7 +788,10 @@ def small_crops(tmp_path_factory, crops_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_params(small_crops) -> dict:
-    return {**example_params(REPO / "examples" / "mitocheck_crops.yaml"), "mitocheck_crops": str(small_crops)}
+    """The demo's params on 7 crops: too few cells to train on (models need >= 2 cells per class
+    on both sides of the split), so this run stops after the features."""
+    return {**example_params(REPO / "examples" / "mitocheck_crops.yaml"), "mitocheck_crops": str(small_crops),
+            "train_models": False, "report": False}
 
 
 @pytest.fixture(scope="session")
@@ -638,9 +811,23 @@ def morphotype_run(tmp_path_factory, demo_params) -> Path:
 # --------------------------------------------------------------------------------- contract
 
 
+CROPS_CALLS = {"MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS", "MORPHOTYPE_SEGMENT", "MERGE_SEGMENTATION_SUMMARY",
+               "MORPHOTYPE_FEATURES", "MERGE_FEATURES", "MERGE_UNMATCHED"}
+MODEL_CALLS = {"DEEP_FEATURES_DP", "MERGE_DEEP_FEATURES", "MORPHOTYPE_TRAIN", "MORPHOTYPE_LOIO",
+               "MORPHOTYPE_EVALUATE", "MORPHOTYPE_JUMP_SCORE", "MORPHOTYPE_JUMP_SUMMARISE", "MORPHOTYPE_REPORT"}
+IDR_CALLS = {"MORPHOTYPE_SAMPLESHEET_IDR", "MORPHOTYPE_STREAM", "MERGE_FRAMES"}
+ENCODER_CALLS = {"MORPHOTYPE_ENCODER_TRAIN", "DEEP_FEATURES_SSL"}
+
+
+def test_the_contract_runs_every_call_of_the_workflow_for_real(lint):
+    """The real simulations below together run every call; the encoder's only in stub mode and
+    in tests/test_deep.py (its training takes minutes)."""
+    assert CROPS_CALLS | MODEL_CALLS | IDR_CALLS | ENCODER_CALLS == set(calls_by_name(lint.description))
+
+
 @pytest.mark.slow  # the simulated run: ~25 s of morphotype commands
 def test_every_call_of_the_workflow_runs_in_the_contract(lint, simulated):
-    assert {task.call for task in simulated["tasks"]} == set(calls_by_name(lint.description))
+    assert {task.call for task in simulated["tasks"]} == CROPS_CALLS
     assert len([t for t in simulated["tasks"] if t.call == "MORPHOTYPE_SEGMENT"]) == 2  # 7 crops, batches of 4
 
 
@@ -658,11 +845,11 @@ def test_each_param_sets_its_option(lint, groovy, demo_params, flipped):
     params = {**demo_params, flipped: FLIPPED[flipped]}
     call, dest, to_option = PARAM_OPTIONS[flipped]
     process = all_processes(lint.description)[calls_by_name(lint.description)[call]][1]
-    variables = {"task": {"ext": render_ext(groovy, call, params), "cpus": 3, "process": call},
-                 "meta": {"id": "batch_00000"}}
+    variables = {"task": {"ext": render_ext(groovy, call, params), "cpus": 3, "process": call}, "meta": ANY_META}
     for declaration in process["inputs"]:
         for kind, name, _ in input_items(declaration):
-            variables.setdefault(name, "input_file" if kind == "path" else {"id": "batch_00000"})
+            if name not in variables:
+                variables[name] = "input_file" if kind == "path" else VAL_INPUTS[name]
     command, _ = render(groovy, process, "script", variables)
     (line,) = command_lines(command)
     parsed = build_parser().parse_args(shlex.split(line)[1:])
@@ -670,7 +857,36 @@ def test_each_param_sets_its_option(lint, groovy, demo_params, flipped):
         if other_call == call:
             assert getattr(parsed, other_dest) == other_to_option(params[name]), (name, line)
     assert getattr(parsed, dest) == to_option(FLIPPED[flipped])
-    assert parsed.workers == 3
+    if hasattr(parsed, "workers"):
+        assert parsed.workers == 3, line
+
+
+def test_idr_plates_reach_the_samplesheet_command(lint, groovy, demo_params):
+    """main.nf hands the plates as a list ([] for 'all'); the command names them, or none."""
+    process = all_processes(lint.description)["MORPHOTYPE_SAMPLESHEET_IDR"][1]
+    ext = render_ext(groovy, "MORPHOTYPE_SAMPLESHEET_IDR", demo_params)
+    for plates, expected in ((["LT0003_40", "LT0004_06"], ["LT0003_40", "LT0004_06"]), ([], None)):
+        variables = {"task": {"ext": ext, "cpus": 1, "process": "x"}, "meta": {"id": "samplesheet"}, "plates": plates}
+        (line,) = command_lines(render(groovy, process, "script", variables)[0])
+        parsed = build_parser().parse_args(shlex.split(line)[1:])
+        assert parsed.plates == expected and parsed.controls == ["negative"] and parsed.labelled, line
+    main = (REPO / "main.nf").read_text()
+    assert "params.idr_plates == 'all' ? [] : names(params.idr_plates)" in main
+
+
+def test_train_options_are_those_of_morphotype_run(groovy, demo_params):
+    """MORPHOTYPE_TRAIN + MORPHOTYPE_EVALUATE carry every option of run.training_options(params)."""
+    from morphotype.run import training_options
+
+    params = {**demo_params, **{k: FLIPPED[k] for k in ("class_balance", "shuffled_baselines", "binary_models",
+                                                         "loio", "umap", "loio_feature_spaces", "split")}}
+    nextflow = shlex.split(render_ext(groovy, "MORPHOTYPE_TRAIN", params)["args"])
+    nextflow += shlex.split(render_ext(groovy, "MORPHOTYPE_EVALUATE", params)["args"])
+    run_options = training_options(params)
+    spaces = run_options.index("--feature-spaces")
+    run_options = run_options[:spaces] + run_options[spaces + 1 + len(_names(params["feature_spaces"])):]
+    as_pairs = lambda options: set(" ".join(options).replace(" --", "\n--").splitlines())  # noqa: E731
+    assert as_pairs(nextflow) == as_pairs(run_options)
 
 
 @pytest.mark.slow  # the simulated run: ~25 s of morphotype commands
@@ -756,26 +972,54 @@ def test_nextflow_layout_and_results_equal_morphotype_run(simulated, morphotype_
     pd.testing.assert_frame_equal(sheet, pd.read_csv(morphotype_run / "samplesheet" / "samplesheet.csv"))
 
 
-def test_published_layout_is_the_run_layout():
-    """conf/modules.config publishes each merged output where `morphotype run` writes it."""
+def test_published_layout_is_the_run_layout(groovy):
+    """conf/modules.config publishes each output where `morphotype run` writes it."""
     text = (REPO / "conf" / "modules.config").read_text()
     published = {}
+    params = {"outdir": "OUT", "idr_cache": None, "publish_dir_mode": "copy", "deep_weights": None, "ssl_encoder": None}
     for selector in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
         body = text[selector.end():_closing_brace(text, selector.end() - 1)]
-        folder = re.search(r'path:\s*\{\s*"\$\{params\.outdir\}/([^"]+)"\s*\}', body)
-        if folder:
-            settings = process_config(selector.group(1))
-            name = None
-            if "prefix" in settings:
-                name = settings["prefix"].strip("'") + "." + settings["suffix"].strip("'")
-            published[selector.group(1)] = (folder.group(1), name)
+        if "publishDir" not in body:
+            continue
+        start = body.index("publishDir")
+        publish_dir = body[body.index("[", start):_closing_bracket(body, body.index("[", start)) + 1]
+        rendered = groovy(f"def value = {publish_dir}\n"
+                          "value.collectEntries { k, v -> [k, v instanceof Closure ? v.call().toString() : v] }",
+                          params=params)
+        assert rendered["path"] == "OUT" or rendered["path"].startswith("OUT/"), rendered
+        settings = process_config(selector.group(1))
+        name = None
+        if "prefix" in settings:
+            name = settings["prefix"].strip("'") + "." + settings["suffix"].strip("'")
+        published[selector.group(1)] = (rendered["path"][4:], name, rendered.get("pattern"), rendered.get("enabled", True))
     assert published == {
-        "MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS": ("samplesheet", None),  # meta.id 'samplesheet' -> samplesheet.csv
-        "MORPHOTYPE_SEGMENT": ("segmentation", None),  # <file_id>.mask.tiff only (pattern)
-        "MERGE_SEGMENTATION_SUMMARY": ("segmentation", "segmentation_summary.csv"),
-        "MERGE_FEATURES": ("features", "single_cells.parquet"),
-        "MERGE_UNMATCHED": ("features", "single_cells.unmatched.csv"),
+        "MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS": ("samplesheet", None, None, True),  # meta.id 'samplesheet'
+        "MORPHOTYPE_SAMPLESHEET_IDR": ("samplesheet", None, None, True),
+        "MORPHOTYPE_STREAM": ("idr/frames", None, "frames/**", True),  # idr/frames/frames/<variant>/<plate>/
+        "MERGE_FRAMES": ("idr", "frames.csv", None, True),
+        "MORPHOTYPE_SEGMENT": ("segmentation", None, "*.mask.tiff", True),  # <file_id>.mask.tiff only
+        "MERGE_SEGMENTATION_SUMMARY": ("segmentation", "segmentation_summary.csv", None, True),
+        "MERGE_FEATURES": ("features", "single_cells.parquet", None, True),  # off with deep features
+        "MERGE_UNMATCHED": ("features", "single_cells.unmatched.csv", None, True),
+        "MORPHOTYPE_ENCODER_TRAIN": ("", None, None, True),  # meta.id 'encoder' -> encoder/
+        "MERGE_DEEP_FEATURES": ("features", "single_cells.parquet", None, True),
+        "MORPHOTYPE_EVALUATE": ("", None, None, True),  # models/ and evaluation/
+        "MORPHOTYPE_JUMP_SCORE": ("jump/plates", None, None, True),
+        "MORPHOTYPE_JUMP_SUMMARISE": ("jump", None, None, True),  # meta.id 'summary' -> jump/summary/
+        "MORPHOTYPE_REPORT": ("", None, None, True),  # meta.id 'report' -> report/
     }
+    deep = groovy("def value = " + text[text.index("enabled:") + 8:].split("\n")[0].rstrip(",") + "\nvalue",
+                  params={**params, "deep_weights": "w.h5"})
+    assert deep is False  # MERGE_FEATURES does not publish when MERGE_DEEP_FEATURES does
+
+
+def _closing_bracket(text: str, opening: int) -> int:
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"[": 1, "]": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    raise ValueError("unbalanced brackets")
 
 
 @pytest.mark.slow
@@ -791,5 +1035,218 @@ def test_unmatched_annotations_in_a_later_batch_are_merged(tmp_path, lint, groov
 
 
 def test_stub_blocks_create_every_declared_output(tmp_path, lint, groovy, demo_params):
-    result = simulate(tmp_path, lint, groovy, demo_params, stub=True)
-    assert {task.call for task in result["tasks"]} == set(calls_by_name(lint.description))
+    weights = tmp_path / "efficientnetb0_notop.h5"
+    weights.touch()
+    plates = tmp_path / "plates.txt"
+    (tmp_path / "BR00116991.sqlite").touch()
+    plates.write_text(f"{tmp_path / 'BR00116991.sqlite'}\n")
+    everything = {**demo_params, "deep_weights": str(weights), "ssl_encoder": "train", "train_models": True,
+                  "jump_plates": str(plates), "report": True, "loio_chunks": 2, "loio_feature_spaces": "",
+                  "feature_spaces": "CP,DP,CP_areashape"}
+    crops = simulate(tmp_path / "crops", lint, groovy, everything, stub=True)
+    idr = simulate(tmp_path / "idr", lint, groovy, {**demo_params, "mitocheck_crops": None, "idr_plates": "all"},
+                   stub=True)
+    calls = {task.call for task in crops["tasks"] + idr["tasks"]}
+    assert calls == set(calls_by_name(lint.description))
+    assert len([t for t in crops["tasks"] if t.call == "MORPHOTYPE_LOIO"]) == 2 * 3  # 3 feature spaces, 2 chunks
+
+
+# ------------------------------------------------------- models, JUMP and report, for real
+
+TRAIN_CROPS_PER_CLASS = 16  # 16 classes (Folded excluded from training): enough cells for a 15% split
+TRAIN_PARAMS = {"feature_spaces": "CP_zernike,SSL,CP_areashape",  # SSL: absent from the table, skipped
+                "grid_c": "0.1,1", "grid_l1_ratio": "0.5", "cv_folds": 3, "class_balance": "balanced",
+                "binary_models": False, "umap": False, "loio": True, "loio_feature_spaces": "CP_zernike,SSL", "loio_chunks": 2,
+                "train_models": True, "report": True, "deep_box_size": 32}
+
+
+@pytest.fixture(scope="session")
+def training_crops(tmp_path_factory, crops_dir) -> Path:
+    """A crops folder (links) with the first TRAIN_CROPS_PER_CLASS crops of every phenotype."""
+    folder = tmp_path_factory.mktemp("training-crops") / "mitocheck_crops"
+    manifest = pd.read_csv(crops_dir / "manifest.csv", dtype=str)
+    manifest = manifest.groupby("phenotype", sort=False).head(TRAIN_CROPS_PER_CLASS)
+    for phenotype, name in zip(manifest["phenotype"], manifest["file"]):
+        (folder / phenotype).mkdir(parents=True, exist_ok=True)
+        (folder / phenotype / name).symlink_to(crops_dir / phenotype / name)
+    manifest.to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def jump_plates_file(tmp_path_factory) -> Path:
+    """One synthetic CPJUMP1 plate (tests/test_jump.py's builder) listed in a --jump_plates file."""
+    import numpy as np
+
+    from morphotype import jump
+    from test_jump import PLATES, plate_layout, write_plate
+
+    folder = tmp_path_factory.mktemp("jump-plates")
+    _, wells = jump.load_metadata()
+    plate = write_plate(folder / f"{PLATES[0]}.sqlite", PLATES[0], plate_layout(wells, np.random.default_rng(0)),
+                        seed=10)
+    listing = folder / "plates.txt"
+    listing.write_text(f"# one synthetic plate\n{plate}\n")
+    return listing
+
+
+@pytest.mark.slow  # ~2 x 256 crops through every stage, models included: ~2.5 min
+def test_models_jump_and_report_fan_out_equals_morphotype_run(tmp_path, lint, groovy, demo_params, training_crops,
+                                                              jump_plates_file):
+    """train per feature space -> LOIO per chunk -> evaluate, DP features per batch, JUMP per plate
+    and the report give the same tables, models and report figures as `morphotype run`."""
+    import filecmp
+
+    from morphotype.run import run
+
+    (tmp_path / "random").write_text("")  # staged as `random`: deep-features' test-only random weights
+    params = {**demo_params, **TRAIN_PARAMS, "mitocheck_crops": str(training_crops),
+              "jump_plates": str(jump_plates_file)}
+    result = simulate(tmp_path / "nextflow", lint, groovy, {**params, "deep_weights": str(tmp_path / "random")},
+                      batch_size=128)
+    outdir = tmp_path / "run" / "results"
+    started = time.perf_counter()
+    run({**params, "deep_weights": "random", "outdir": str(outdir)}, workers=1)
+    print(f"morphotype run: {time.perf_counter() - started:.1f} s; Nextflow calls:",
+          ", ".join(f"{task.call} {task.seconds:.1f} s" for task in result["tasks"]))
+
+    calls = [task.call for task in result["tasks"]]
+    assert set(calls) == CROPS_CALLS | MODEL_CALLS
+    assert calls.count("MORPHOTYPE_FEATURES") == calls.count("DEEP_FEATURES_DP") == 2  # 256 crops, batches of 128
+    assert calls.count("MORPHOTYPE_TRAIN") == 3 and calls.count("MORPHOTYPE_LOIO") == 2 * 2  # LOIO: 2 spaces, 2 chunks
+    parser = build_parser()
+    for task in result["tasks"]:
+        (line,) = command_lines(task.command)
+        parser.parse_args(shlex.split(line)[1:])
+
+    # features: CP + DP__ columns, merged in batch order
+    cells = pd.read_parquet(result["features"])
+    assert any(column.startswith("DP__") for column in cells.columns)
+    pd.testing.assert_frame_equal(cells, pd.read_parquet(outdir / "features" / "single_cells.parquet"))
+
+    # a feature space absent from the table: no model, an empty cell_splits.csv, named as skipped
+    skipped = result["space_models"][1]
+    assert not [p for p in skipped.iterdir() if p.is_dir()]
+    assert pd.read_csv(skipped / "cell_splits.csv").empty
+    assert list(json.loads((skipped / "training.json").read_text())["skipped_feature_spaces"]) == ["SSL"]
+
+    # models and evaluation: the same files as `morphotype run` (one train over every space)
+    models, evaluation = result["models"], result["evaluation"]
+    assert sorted(p.name for p in models.iterdir()) == sorted(p.name for p in (outdir / "models").iterdir())
+    for folder, reference in ((models, outdir / "models"), (evaluation, outdir / "evaluation")):
+        for path in sorted(reference.rglob("*")):
+            ours = folder / path.relative_to(reference)
+            assert ours.exists(), ours
+            if path.is_dir():
+                continue
+            if path.suffix == ".parquet":
+                pd.testing.assert_frame_equal(pd.read_parquet(ours), pd.read_parquet(path))
+            elif path.suffix == ".csv":
+                pd.testing.assert_frame_equal(pd.read_csv(ours), pd.read_csv(path))
+            elif path.suffix == ".json":
+                assert json.loads(ours.read_text()) == json.loads(path.read_text()), path
+            else:
+                assert filecmp.cmp(ours, path, shallow=False), path
+    loio = pd.read_csv(evaluation / "loio_summary.csv")
+    assert not loio.empty and set(loio["model_id"].str.split("__").str[0]) == {"CP_zernike"}
+
+    # JUMP: the plate's tables and the summary
+    plate_files = {p.name: p for p in result["jump_plates"]}
+    assert set(plate_files) == {p.name for p in (outdir / "jump" / "plates").iterdir()}
+    for name, path in plate_files.items():
+        if path.suffix == ".parquet":
+            pd.testing.assert_frame_equal(pd.read_parquet(path), pd.read_parquet(outdir / "jump" / "plates" / name))
+    summary = result["jump_summary"]
+    assert summary.name == "summary"
+    for path in sorted((outdir / "jump" / "summary").glob("*.*[!n]")):  # tables (not summary.json)
+        read = pd.read_csv if path.suffix == ".csv" else pd.read_parquet
+        pd.testing.assert_frame_equal(read(summary / path.name), read(path))
+
+    # report: the same figures from the staged run layout
+    report = result["report"]
+    assert report.name == "report" and (report / "index.html").stat().st_size > 0
+    assert sorted(p.name for p in (report / "figures").iterdir()) == \
+        sorted(p.name for p in (outdir / "report" / "figures").iterdir())
+
+
+# ------------------------------------------------------------------- IDR streaming, for real
+
+
+@pytest.fixture(scope="session")
+def idr_server_root(tmp_path_factory) -> Path:
+    """Synthetic CellH5 movies (90 frames of 96x128) at the IDR paths of plate LT0003_40's
+    labelled and negative-control movies, to serve on loopback (--idr_base_url)."""
+    import numpy as np
+
+    from morphotype import idr
+
+    root = tmp_path_factory.mktemp("idr-server")
+    sheet = idr.idr_samplesheet(["LT0003_40"], labelled=True, controls=["negative"], seed=0,
+                                base_url="http://server")
+    for index, (movie, well) in enumerate(sheet[["movie", "well"]].drop_duplicates().itertuples(index=False)):
+        relative = movie.removeprefix("http://server/")
+        frames = idr.synthetic_movie(8, (96, 128), n_nuclei=8, seed=index)["movie"]
+        idr.write_cellh5(root / relative, np.resize(frames, (90, *frames.shape[1:])), plate="LT0003_40",
+                         well=int(well))
+    return root
+
+
+@pytest.mark.slow  # ~40 s: the IDR path twice (Nextflow calls and `morphotype run`)
+def test_idr_plates_stream_in_movie_batches_and_equal_morphotype_run(tmp_path, lint, groovy, demo_params,
+                                                                     idr_server_root):
+    """samplesheet idr -> stream (one task per batch of whole movies) -> frames staged by name into
+    image batches -> segment -> features, against `morphotype run` on the same loopback IDR."""
+    from morphotype import idr
+    from morphotype.run import run
+
+    with idr.LoopbackFileServer(idr_server_root) as server:
+        # raw frames: BaSiC (ic) takes ~37 s per frame here; tests/test_idr.py checks the correction
+        params = {**demo_params, "mitocheck_crops": None, "idr_plates": "LT0003_40", "idr_base_url": server.url,
+                  "illumination_correction": False, "idr_movies_per_batch": 3}
+        result = simulate(tmp_path / "nextflow", lint, groovy, params, batch_size=3)
+        outdir = tmp_path / "run" / "results"
+        run({**params, "outdir": str(outdir)}, workers=1)
+
+    calls = [task.call for task in result["tasks"]]
+    assert set(calls) == IDR_CALLS | CROPS_CALLS - {"MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS"}
+    assert [meta["movies"] for meta, _ in result["movie_batches"]] == [3, 3, 2]  # 8 movies, whole
+    assert [meta["images"] for meta, _, _ in result["batches"]] == [3, 3, 2]  # 8 frames
+    parser = build_parser()
+    for task in result["tasks"]:
+        (line,) = command_lines(task.command)
+        parser.parse_args(shlex.split(line)[1:])
+    stream_lines = [task.command for task in result["tasks"] if task.call == "MORPHOTYPE_STREAM"]
+    assert all("--variant no_ic" in line and "--cache ." in line for line in stream_lines)
+
+    pd.testing.assert_frame_equal(pd.read_csv(result["samplesheet"]), pd.read_csv(outdir / "samplesheet" / "samplesheet.csv"))
+    # the frames: written by the stream tasks, staged by name into the image batches
+    run_frames = pd.read_csv(outdir / "idr" / "frames.csv")
+    frames = pd.read_csv(result["frames"])
+    pd.testing.assert_frame_equal(frames.drop(columns="image"), run_frames.drop(columns="image"))
+    for image, reference in zip(frames["image"], run_frames["image"]):
+        assert Path(image).name == Path(reference).name and "/frames/no_ic/LT0003_40/" in image
+        assert Path(image).read_bytes() == Path(reference).read_bytes()
+    for meta, sheet, images in result["batches"]:
+        batch = pd.read_csv(sheet)
+        assert set(batch["image"]) == {f"images/{image.name}" for image in images}
+        assert all(image.is_file() and "MORPHOTYPE_STREAM.movies_" in str(image) for image in images)
+    # segmentation and features as `morphotype run` (image paths name different caches)
+    pd.testing.assert_frame_equal(pd.read_csv(result["segmentation_summary"]).drop(columns="image"),
+                                  pd.read_csv(outdir / "segmentation" / "segmentation_summary.csv").drop(columns="image"))
+    cells = pd.read_parquet(result["features"])
+    assert len(cells) > 8
+    pd.testing.assert_frame_equal(cells.drop(columns="Metadata_Image"),
+                                  pd.read_parquet(outdir / "features" / "single_cells.parquet").drop(columns="Metadata_Image"))
+
+
+def test_main_nf_writes_params_yaml_as_morphotype_run(groovy):
+    """pipeline_info/params.yaml (read by the report): every science param, none of the
+    infrastructure ones, values that YAML reads back as `morphotype run` wrote them."""
+    source = (REPO / "main.nf").read_text()
+    infrastructure = re.search(r"def infrastructure = \[([^\]]*)\]", source).group(1)
+    assert {name.strip(" '") for name in infrastructure.split(",")} == set(INFRASTRUCTURE_PARAMS)
+    function = source[source.index("def yamlValue("):]
+    values = {**PARAM_DEFAULTS, "cellpose_model": 'a "quoted" \\ path: x', "idr_base_url": "ftp://m/idr"}
+    lines = groovy(f"{function}\nvalues.keySet().toList().sort().collect {{ name -> \"${{name}}: ${{yamlValue(values[name])}}\".toString() }}",
+                   values=values)
+    assert yaml.safe_load("\n".join(lines)) == values

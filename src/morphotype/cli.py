@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     extractor.add_argument("--weights", help="EfficientNet-B0 weights file ('random' only for tests)")
     extractor.add_argument("--encoder", type=Path, help="encoder folder (encoder.json + encoder.pt)")
     deep.add_argument("--out", type=Path, required=True, help="table with the deep columns added")
+    deep.add_argument("--images", type=Path, default=None,
+                      help="read each image by file name from this folder instead of Metadata_Image's path "
+                      "(staged task folders, object-store work directories)")
     deep.add_argument("--box-size", type=int, default=128, help="EfficientNet: box around each nucleus in pixels")
     deep.add_argument("--pad-mode", choices=["constant", "edge", "reflect", "symmetric"], default="constant",
                       help="how boxes reaching past the image border are filled")
@@ -330,16 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_train = encoder_commands.add_parser(
         "train",
         help="train the encoder (SimCLR) on nucleus crops of the training split only, without labels",
-        epilog="Example: morphotype encoder train --features single_cells.parquet --outdir encoder --epochs 6",
+        epilog="Example: morphotype encoder train --features single_cells.parquet --outdir encoder --epochs 30",
         formatter_class=_Formatter,
     )
     encoder_train.add_argument("--features", type=Path, required=True, help="single-cell table (with Metadata_Image)")
     encoder_train.add_argument("--outdir", type=Path, required=True, help="writes encoder.pt and encoder.json")
+    encoder_train.add_argument("--images", type=Path, default=None,
+                               help="read each image by file name from this folder instead of Metadata_Image's path")
     encoder_train.add_argument("--split", choices=["cell", "image"], default="cell",
                                help="the models' split: held-out cells and images are never seen")
     encoder_train.add_argument("--exclude-phenotypes", default="Folded", help="comma-separated, as for train")
     encoder_train.add_argument("--crop-size", type=int, default=64)
-    encoder_train.add_argument("--epochs", type=int, default=6)
+    encoder_train.add_argument("--epochs", type=int, default=30)
     encoder_train.add_argument("--batch-size", type=int, default=128)
     encoder_train.add_argument("--seed", type=int, default=0)
     _add_workers(encoder_train)
@@ -566,6 +571,21 @@ def _command_evaluate(args) -> str:
     return f"{len(results.models)} models evaluated; tables in {args.outdir / 'evaluation'}"
 
 
+def _images_in(table, folder: Path | None, source: Path):
+    """The table with ``Metadata_Image`` pointing into ``folder`` by file name (None: unchanged)."""
+    if folder is None:
+        return table
+    column = "Metadata_Image"
+    if column not in table.columns:
+        raise MorphotypeInputError(f"{source}: no {column} column to locate the images by")
+    located = table[column].map(lambda path: str(folder / Path(str(path)).name))
+    missing = sorted({path for path in located.unique() if not Path(path).is_file()})
+    if missing:
+        raise MorphotypeInputError(f"{source}: {len(missing)} image(s) of the table are not in {folder}, "
+                                   f"e.g. {missing[0]}")
+    return table.assign(**{column: located})
+
+
 def _command_deep_features(args) -> str:
     import torch
 
@@ -575,11 +595,12 @@ def _command_deep_features(args) -> str:
     if args.workers:
         torch.set_num_threads(args.workers)
     table = read_table(args.features)
+    located = _images_in(table, args.images, args.features)
     if args.encoder is not None:
-        added = deep.ssl_features(table, deep.load_encoder(args.encoder), pad_mode=args.pad_mode,
+        added = deep.ssl_features(located, deep.load_encoder(args.encoder), pad_mode=args.pad_mode,
                                   batch_size=args.batch_size)
     else:
-        added = deep.deep_features(table, weights=args.weights, box_size=args.box_size, pad_mode=args.pad_mode,
+        added = deep.deep_features(located, weights=args.weights, box_size=args.box_size, pad_mode=args.pad_mode,
                                    batch_size=args.batch_size, random_state=args.seed)
     clash = [c for c in added.columns[1:] if c in table.columns]
     joined = table.drop(columns=clash).merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
@@ -600,7 +621,7 @@ def _command_encoder(args) -> str:
     table = read_table(args.features)
     held_out = encoder_held_out_cells(table, split=args.split,
                                       exclude_phenotypes=[p for p in args.exclude_phenotypes.split(",") if p])
-    training = table[~table[CELL_ID].isin(held_out)].reset_index(drop=True)
+    training = _images_in(table[~table[CELL_ID].isin(held_out)].reset_index(drop=True), args.images, args.features)
     crops = deep.table_boxes(training, args.crop_size)
     encoder = deep.train_encoder(crops, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                                  n_source_images=int(training[IMAGE_ID].nunique()))

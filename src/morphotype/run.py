@@ -48,7 +48,7 @@ PARAM_DEFAULTS: dict[str, object] = {
     "deep_weights": None,  # EfficientNet-B0 weights (.h5 / torch) -> DP__ features
     "deep_box_size": 128,
     "ssl_encoder": None,  # encoder folder, or "train": learn one on this run's training split -> SSL__ features
-    "encoder_epochs": 6,
+    "encoder_epochs": 30,
     # models (comma-separated lists are strings: Nextflow params are scalars)
     "train_models": True,
     "feature_spaces": "CP,DP,CP_and_DP,CP_areashape,CP_zernike",  # absent spaces are skipped

@@ -16,8 +16,9 @@ workflow FEATURES {
     MERGE_UNMATCHED(inBatchOrder(MORPHOTYPE_FEATURES.out.unmatched, 'unmatched'))
 
     emit:
-    features  = MERGE_FEATURES.out.table  // channel: [ val(meta), path(single_cells.parquet) ]
-    unmatched = MERGE_UNMATCHED.out.table // channel: [ val(meta), path(single_cells.unmatched.csv) ]
+    batch_features = MORPHOTYPE_FEATURES.out.features // channel: [ val(meta), path(batch_00000.parquet) ]
+    features       = MERGE_FEATURES.out.table  // channel: [ val(meta), path(single_cells.parquet) ]
+    unmatched      = MERGE_UNMATCHED.out.table // channel: [ val(meta), path(single_cells.unmatched.csv) ]
 }
 
 // Per-batch [meta, file] items gathered into one [[id: id], [files in batch order]].
