@@ -218,7 +218,7 @@ def test_deep_features_join_by_cell_and_refuse_without_weights(labelled_cells, t
 @pytest.mark.slow
 def test_encoder_never_sees_held_out_cells_and_gives_ssl_features(labelled_cells, tmp_path):
     from morphotype.deep import load_encoder
-    from morphotype.run import encoder_held_out_cells
+    from morphotype.deep import encoder_held_out_cells
 
     encoder_dir, out = tmp_path / "encoder", tmp_path / "ssl.parquet"
     assert main(["encoder", "train", "--features", str(labelled_cells), "--outdir", str(encoder_dir),

@@ -774,16 +774,21 @@ def simulate(root: Path, lint: Lint, groovy: Groovy, params: dict, *, stub: bool
     return result
 
 
-@pytest.fixture(scope="session")
-def small_crops(tmp_path_factory, crops_dir) -> Path:
-    """A crops folder (links) holding every MANIFEST_STEP-th crop of the shared set."""
-    folder = tmp_path_factory.mktemp("crops") / "mitocheck_crops"
-    manifest = pd.read_csv(crops_dir / "manifest.csv", dtype=str).iloc[::MANIFEST_STEP]
+def linked_crops(folder: Path, manifest: pd.DataFrame, crops_dir: Path) -> Path:
+    """A crops folder laid out like the shared one, linking the manifest's crops."""
     for phenotype, name in zip(manifest["phenotype"], manifest["file"]):
         (folder / phenotype).mkdir(parents=True, exist_ok=True)
         (folder / phenotype / name).symlink_to(crops_dir / phenotype / name)
     manifest.to_csv(folder / "manifest.csv", index=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_crops(tmp_path_factory, crops_dir) -> Path:
+    """A crops folder (links) holding every MANIFEST_STEP-th crop of the shared set."""
+    folder = tmp_path_factory.mktemp("crops") / "mitocheck_crops"
+    manifest = pd.read_csv(crops_dir / "manifest.csv", dtype=str).iloc[::MANIFEST_STEP]
+    return linked_crops(folder, manifest, crops_dir)
 
 
 @pytest.fixture(scope="session")
@@ -1067,11 +1072,7 @@ def training_crops(tmp_path_factory, crops_dir) -> Path:
     folder = tmp_path_factory.mktemp("training-crops") / "mitocheck_crops"
     manifest = pd.read_csv(crops_dir / "manifest.csv", dtype=str)
     manifest = manifest.groupby("phenotype", sort=False).head(TRAIN_CROPS_PER_CLASS)
-    for phenotype, name in zip(manifest["phenotype"], manifest["file"]):
-        (folder / phenotype).mkdir(parents=True, exist_ok=True)
-        (folder / phenotype / name).symlink_to(crops_dir / phenotype / name)
-    manifest.to_csv(folder / "manifest.csv", index=False)
-    return folder
+    return linked_crops(folder, manifest, crops_dir)
 
 
 @pytest.fixture(scope="session")

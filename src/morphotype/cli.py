@@ -525,18 +525,16 @@ def _command_predict(args) -> str:
 def _command_loio(args) -> str:
     import pandas as pd
 
-    from morphotype.evaluate import leave_one_image_out, loio_image_chunk
+    from morphotype.evaluate import data_as_trained, leave_one_image_out, loio_image_chunk
     from morphotype.io import read_table, write_table
-    from morphotype.models import load_models, prepare_data
+    from morphotype.models import load_models
 
     table = read_table(args.features)
     trained = load_models(args.models)
     frames, images = [], 0
     for space in dict.fromkeys(m.feature_space for m in trained.models.values() if m.model_type == "multiclass"):
         space_models = [m for m in trained.models.values() if m.feature_space == space and m.model_type == "multiclass"]
-        training = space_models[0].training
-        data = prepare_data(table, space, exclude_phenotypes=training.get("exclude_phenotypes", ["Folded"]),
-                            drop_positional=training.get("drop_positional", False))
+        data = data_as_trained(table, space_models[0])
         chunk = loio_image_chunk(data, args.chunk, args.chunks)
         images = max(images, len(chunk))
         for model in space_models:
@@ -613,24 +611,18 @@ def _command_encoder(args) -> str:
 
     from morphotype import deep
     from morphotype.io import read_table
-    from morphotype.models import CELL_ID, IMAGE_ID
-    from morphotype.run import encoder_held_out_cells
 
     if args.workers:
         torch.set_num_threads(args.workers)
-    table = read_table(args.features)
-    held_out = encoder_held_out_cells(table, split=args.split,
-                                      exclude_phenotypes=[p for p in args.exclude_phenotypes.split(",") if p])
-    training = _images_in(table[~table[CELL_ID].isin(held_out)].reset_index(drop=True), args.images, args.features)
-    crops = deep.table_boxes(training, args.crop_size)
-    encoder = deep.train_encoder(crops, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                                 n_source_images=int(training[IMAGE_ID].nunique()))
-    encoder.card["held_out_cells"] = len(held_out)
-    encoder.card["split"] = args.split
+    table = _images_in(read_table(args.features), args.images, args.features)
+    encoder = deep.train_encoder_on_training_split(
+        table, split=args.split, exclude_phenotypes=[p for p in args.exclude_phenotypes.split(",") if p],
+        crop_size=args.crop_size, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     deep.save_encoder(encoder, args.outdir)
-    return (f"encoder trained on {len(crops)} crops of {training[IMAGE_ID].nunique()} images "
-            f"({len(held_out)} held-out cells unseen), loss {encoder.card['loss_curve'][0]:.3f} -> "
-            f"{encoder.card['loss_curve'][-1]:.3f}; saved in {args.outdir}")
+    card = encoder.card
+    return (f"encoder trained on {card['training_crops']} crops of {card['training_images']} images "
+            f"({card['held_out_cells']} held-out cells unseen), loss {card['loss_curve'][0]:.3f} -> "
+            f"{card['loss_curve'][-1]:.3f}; saved in {args.outdir}")
 
 
 def _command_report(args) -> str:

@@ -599,6 +599,40 @@ def train_encoder(
     return Encoder(model, card)
 
 
+def encoder_held_out_cells(cells: pd.DataFrame, *, split: str, exclude_phenotypes: Sequence[str]) -> set:
+    """Cells the encoder must not see: the models' test split (same method and seed) and, for an
+    image split, every cell of a held-out image."""
+    from morphotype.models import IMAGE_ID, prepare_data, split_cells
+
+    data = prepare_data(cells, "CP", exclude_phenotypes=exclude_phenotypes)
+    sides = split_cells(data.metadata, method=split)
+    held_out = set(data.metadata[CELL_ID][sides == "test"])
+    if split == "image":
+        held_images = set(data.metadata[IMAGE_ID][sides == "test"])
+        held_out |= set(cells.loc[cells[IMAGE_ID].isin(held_images), CELL_ID])
+    return held_out
+
+
+def train_encoder_on_training_split(
+    cells: pd.DataFrame,
+    *,
+    split: str = "cell",
+    exclude_phenotypes: Sequence[str] = ("Folded",),
+    crop_size: int = 64,
+    epochs: int = 30,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> Encoder:
+    """:func:`train_encoder` on crops of the cells outside :func:`encoder_held_out_cells`; the
+    card records how many cells were held out and by which split."""
+    held_out = encoder_held_out_cells(cells, split=split, exclude_phenotypes=exclude_phenotypes)
+    training = cells[~cells[CELL_ID].isin(held_out)].reset_index(drop=True)
+    encoder = train_encoder(table_boxes(training, crop_size), epochs=epochs, seed=seed, batch_size=batch_size,
+                            n_source_images=int(training["Metadata_ImageID"].nunique()))
+    encoder.card.update({"held_out_cells": len(held_out), "split": split})
+    return encoder
+
+
 def save_encoder(encoder: Encoder, directory: str | os.PathLike) -> Path:
     """Write ``encoder.pt`` (state dict) and ``encoder.json`` (card) into ``directory``."""
     directory = Path(directory)

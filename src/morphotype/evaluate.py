@@ -402,6 +402,16 @@ def split_for(data: LabelledData, splits: pd.DataFrame) -> np.ndarray:
     return sides.loc[ids].to_numpy(dtype=object)
 
 
+def data_as_trained(table: pd.DataFrame, model: PhenotypeModel) -> LabelledData:
+    """The cells of ``table`` prepared as ``model`` was trained on (excluded phenotypes and the
+    positional-feature choice are read from its card)."""
+    from morphotype.models import prepare_data
+
+    training = model.training
+    return prepare_data(table, model.feature_space, exclude_phenotypes=training.get("exclude_phenotypes", ["Folded"]),
+                        drop_positional=training.get("drop_positional", False))
+
+
 def evaluate_models(
     results: "TrainingResults",
     table: pd.DataFrame,
@@ -425,17 +435,13 @@ def evaluate_models(
     choice are read from each model's card) and split as recorded in ``results.splits``.
     LOIO runs for the multiclass models of ``loio_feature_spaces`` (None: every space).
     """
-    from morphotype.models import prepare_data
-
     frames: dict[str, list[pd.DataFrame]] = {stem: [] for stem in (
         "f1_scores", "pr_curves", "confusion_matrices", "coefficients", "silhouette", "umap", "loio_predictions",
         "loio_summary")}
     spaces = list(dict.fromkeys(model.feature_space for model in results.models.values()))
     for space in spaces:
         space_models = [m for m in results.models.values() if m.feature_space == space]
-        training = space_models[0].training
-        data = prepare_data(table, space, exclude_phenotypes=training.get("exclude_phenotypes", ["Folded"]),
-                            drop_positional=training.get("drop_positional", False))
+        data = data_as_trained(table, space_models[0])
         split = split_for(data, results.splits)
         for model in space_models:
             frames["f1_scores"].append(f1_table(model, data, split))

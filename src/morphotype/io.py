@@ -67,8 +67,10 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise MorphotypeInputError(f"{path}: file does not exist")
     try:
         if path.suffix == ".csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, low_memory=False)
         return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:  # write_table writes a frame without columns as a bare newline
+        return pd.DataFrame()
     except Exception as error:  # pyarrow/pandas raise many types; name the file either way
         raise MorphotypeInputError(f"{path}: cannot be read as a table ({error})") from error
 

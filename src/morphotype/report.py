@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphotype.io import MorphotypeInputError, atomic_path
+from morphotype.io import MorphotypeInputError, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,7 @@ def _read_optional(path: Path) -> pd.DataFrame:
     """A table, or an empty frame when the file is absent or was written empty."""
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
-    try:
-        if path.suffix == ".csv":
-            return pd.read_csv(path, low_memory=False)
-        return pd.read_parquet(path)
-    except pd.errors.EmptyDataError:  # write_table writes an empty frame as a bare newline
-        return pd.DataFrame()
-    except Exception as error:  # pandas/pyarrow raise many types; name the file either way
-        raise MorphotypeInputError(f"{path}: cannot be read as a table ({error})") from error
+    return read_table(path)
 
 
 def _read_json(path: Path) -> Any:

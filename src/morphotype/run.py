@@ -183,7 +183,6 @@ def training_options(params: dict) -> list[str]:
 
 def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     """Run every stage of :data:`STAGES` that the params switch on; return the main outputs by name."""
-    from morphotype.io import write_table
     from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
     from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
 
@@ -235,8 +234,6 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     cells, unmatched = measure_samplesheet(
         sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers
     )
-    features_path = outdir / "features" / "single_cells.parquet"
-    outputs["features"], outputs["unmatched"] = write_features(cells, unmatched, features_path)
 
     # deep_features: DP__ (EfficientNet-B0) and/or SSL__ (in-domain encoder) columns
     if params["deep_weights"] or params["ssl_encoder"]:
@@ -250,11 +247,15 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
             encoder_dir = Path(params["ssl_encoder"])
             if str(params["ssl_encoder"]) == "train":
                 encoder_dir = outdir / "encoder"
-                deep.save_encoder(train_encoder_on_training_split(cells, params), encoder_dir)
+                encoder = deep.train_encoder_on_training_split(
+                    cells, split=str(params["split"]), exclude_phenotypes=_names(params["exclude_phenotypes"]),
+                    epochs=int(params["encoder_epochs"]), seed=int(params["random_state"]))
+                deep.save_encoder(encoder, encoder_dir)
                 outputs["encoder"] = encoder_dir
             added = deep.ssl_features(cells, deep.load_encoder(encoder_dir))
             cells = cells.merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
-        outputs["features"] = write_table(cells, features_path)
+    outputs["features"], outputs["unmatched"] = write_features(
+        cells, unmatched, outdir / "features" / "single_cells.parquet")
 
     # train (+ evaluate)
     if params["train_models"]:
@@ -308,34 +309,6 @@ def jump_plate_list(path: str | Path) -> list[str]:
     if not plates:
         raise MorphotypeInputError(f"jump_plates: {path} lists no plate")
     return plates
-
-
-def train_encoder_on_training_split(cells, params: dict):
-    """The in-domain encoder, trained on the crops of the models' training split only."""
-    from morphotype import deep
-
-    held_out = encoder_held_out_cells(cells, split=str(params["split"]),
-                                      exclude_phenotypes=_names(params["exclude_phenotypes"]))
-    training = cells[~cells[deep.CELL_ID].isin(held_out)].reset_index(drop=True)
-    encoder = deep.train_encoder(deep.table_boxes(training, 64), epochs=int(params["encoder_epochs"]),
-                                 seed=int(params["random_state"]), batch_size=128,
-                                 n_source_images=int(training["Metadata_ImageID"].nunique()))
-    encoder.card.update({"held_out_cells": len(held_out), "split": params["split"]})
-    return encoder
-
-
-def encoder_held_out_cells(cells, *, split: str, exclude_phenotypes) -> set:
-    """Cells the encoder must not see: the models' test split (same method and seed) and, for an
-    image split, every cell of a held-out image."""
-    from morphotype.models import CELL_ID, IMAGE_ID, prepare_data, split_cells
-
-    data = prepare_data(cells, "CP", exclude_phenotypes=exclude_phenotypes)
-    sides = split_cells(data.metadata, method=split)
-    held_out = set(data.metadata[CELL_ID][sides == "test"])
-    if split == "image":
-        held_images = set(data.metadata[IMAGE_ID][sides == "test"])
-        held_out |= set(cells.loc[cells[IMAGE_ID].isin(held_images), CELL_ID])
-    return held_out
 
 
 def _write_run_info(params: dict, outdir: Path) -> None:
