@@ -1350,10 +1350,22 @@ class LoopbackFileServer:
             self._gets[path] = count + 1
         return self.faults[count] if count < len(self.faults) else None
 
-    def _record(self, path: str, byte_range: str, outcome: str, sent: int = 0) -> None:
+    # Requests and bytes are recorded *before* the client can see them: a client that returns as
+    # soon as it has read the body must find them counted.
+    def _record(self, path: str, byte_range: str, outcome: str) -> int:
+        with self._lock:
+            self.requests.append((path, byte_range, outcome))
+            return len(self.requests) - 1
+
+    def _amend(self, index: int, outcome: str) -> None:
+        with self._lock:
+            if index < len(self.requests):  # reset_counters may have cleared the log meanwhile
+                path, byte_range, _ = self.requests[index]
+                self.requests[index] = (path, byte_range, outcome)
+
+    def _count(self, sent: int) -> None:
         with self._lock:
             self.bytes_sent += sent
-            self.requests.append((path, byte_range, outcome))
 
 
 def _handler(owner: LoopbackFileServer):
@@ -1405,6 +1417,7 @@ def _handler(owner: LoopbackFileServer):
                 last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
                 status = 206
             length = last - first + 1
+            index = owner._record(relative, byte_range, "head" if head else fault or str(status))
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
@@ -1414,7 +1427,6 @@ def _handler(owner: LoopbackFileServer):
                     self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
                 self.end_headers()
                 if head:
-                    owner._record(relative, byte_range, "head")
                     return
                 to_send = length // 2 if fault == "truncate" else length
                 sent = 0
@@ -1424,15 +1436,15 @@ def _handler(owner: LoopbackFileServer):
                         block = handle.read(min(1 << 16, to_send - sent))
                         if not block:
                             break
+                        owner._count(len(block))
                         self.wfile.write(block)
                         sent += len(block)
                 self.wfile.flush()
-                owner._record(relative, byte_range, fault or str(status), sent)
                 if fault == "truncate":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
-                owner._record(relative, byte_range, "client-gone")
+                owner._amend(index, "client-gone")
                 self.close_connection = True
 
     return Handler
