@@ -8,11 +8,15 @@ Prints
 - crops per second for ``threshold`` on the shared MitoCheck crops, and the fraction of crops
   with an object containing (or within 3 / 5 px of) the annotated centre (32, 32), with and
   without edge-object removal, overall and per class.
+- with ``--cv``: each threshold setting judged by what it is for, the phenotype model. All crops
+  are segmented and measured; the CP model's 10-fold CV weighted F1 (balanced, C in 0.01, 0.1,
+  1, l1_ratio 0) is computed on the crops of the study's 85 % training split only: the test
+  split is never read, so choosing a setting here does not tune on it.
 
 Usage::
 
     PYTHONPATH=src python benchmarks/segment.py [--shared DIR] [--torch-threads N] [--gpu]
-        [--repeats 3] [--skip-cellpose] [--skip-crops]
+        [--repeats 3] [--skip-cellpose] [--skip-crops] [--cv]
 """
 
 from __future__ import annotations
@@ -120,6 +124,48 @@ def crops(args) -> None:
     print(per_class.round(3).to_string())
 
 
+CV_SETTINGS = {  # name: threshold options
+    "watershed h=2.5 (default)": {},
+    "watershed h=4": {"h": 4.0},
+    "watershed h=6": {"h": 6.0},
+    "no split (split_touching=False)": {"split_touching": False},
+}
+
+
+def segmentation_cv(args) -> None:
+    import tempfile
+    import warnings
+
+    from morphotype import models, pipeline
+    from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
+
+    with tempfile.TemporaryDirectory() as folder:  # as `morphotype run` reads it
+        path = write_samplesheet(from_mitocheck_crops(Path(args.shared) / "data" / "mitocheck_crops"),
+                                 Path(folder) / "samplesheet.csv")
+        sheet = read_samplesheet(path)
+    training_files = None
+    print(f"\nsegmentation settings by the CP model's CV weighted F1 on the training split ({len(sheet)} crops)")
+    for name, options in CV_SETTINGS.items():
+        segmentation = pipeline.SegmentationOptions("threshold", remove_edge_objects=False,
+                                                    backend_options=tuple(sorted(options.items())))
+        with tempfile.TemporaryDirectory() as masks:
+            pipeline.segment_samplesheet(sheet, masks, segmentation, workers=args.workers)
+            cells, unmatched = pipeline.measure_samplesheet(sheet, masks, workers=args.workers)
+        if training_files is None:  # the study's split, drawn once, by crop: same crops for every setting
+            data = models.prepare_data(cells, "CP")
+            split = models.split_cells(data.metadata)
+            training_files = set(data.metadata.loc[split == "train", "Metadata_FileID"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = models.prepare_data(cells[cells["Metadata_FileID"].isin(training_files)], "CP")
+        X = (data.X - data.X.mean(axis=0)) / data.X.std(axis=0)
+        classes, y = np.unique(data.labels, return_inverse=True)
+        result = models.grid_search(X, y, n_classes=len(classes), grid={"C": [0.01, 0.1, 1], "l1_ratio": [0.0]},
+                                    cv_folds=10, n_jobs=args.workers, progress=False)
+        print(f"  {name:<34} {len(unmatched):3d} unmatched; CV weighted F1 {result.score:.4f} (C={result.C:g}) "
+              f"on {len(y)} training cells")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared",
@@ -132,10 +178,16 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--skip-cellpose", action="store_true")
     parser.add_argument("--skip-crops", action="store_true")
+    parser.add_argument("--skip-frames", action="store_true")
+    parser.add_argument("--cv", action="store_true", help="judge threshold settings by the CP model's CV F1")
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    frames(args)
+    if not args.skip_frames:
+        frames(args)
     if not args.skip_crops:
         crops(args)
+    if args.cv:
+        segmentation_cv(args)
 
 
 if __name__ == "__main__":

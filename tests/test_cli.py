@@ -150,6 +150,33 @@ def labelled_cells(crops_dir, tmp_path_factory) -> Path:
     return cells
 
 
+def test_segment_options_reach_the_backends(crops_subset, tmp_path, monkeypatch):
+    """Cellpose by built-in name (local cache) or by weights file, and unsplit threshold masks."""
+    import torch
+    from cellpose.resnet_torch import CPnet
+
+    sheet = tmp_path / "sheet.csv"
+    assert main(["samplesheet", "mitocheck-crops", str(crops_subset), "--out", str(sheet)]) == 0
+    cache = tmp_path / "cellpose"
+    cache.mkdir()
+    torch.manual_seed(1)
+    torch.save(CPnet([2, 32, 64, 128, 256], 3, sz=3, diam_mean=30.0).state_dict(), cache / "cytotorch_0")
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(cache))
+    common = ["--samplesheet", str(sheet), "--keep-edge-objects", "--workers", "1"]
+    for name, options in {"builtin": ["--cellpose-model", "cyto", "--diameter", "30"],
+                          "file": ["--cellpose-model", str(cache / "cytotorch_0"), "--diameter", "30"]}.items():
+        assert main(["segment", *common, "--outdir", str(tmp_path / name), "--backend", "cellpose", *options]) == 0
+        assert len(list((tmp_path / name).glob("*.mask.tiff"))) == 9
+    missing = ["--cellpose-model", str(tmp_path / "nope.pt"), "--diameter", "30"]
+    assert main(["segment", *common, "--outdir", str(tmp_path / "x"), "--backend", "cellpose", *missing]) == EXIT_BAD_INPUT
+    assert main(["segment", *common, "--outdir", str(tmp_path / "split")]) == 0
+    assert main(["segment", *common, "--outdir", str(tmp_path / "whole"), "--no-split-touching"]) == 0
+    split = [read_mask(path) for path in sorted((tmp_path / "split").glob("*.mask.tiff"))]
+    whole = [read_mask(path) for path in sorted((tmp_path / "whole").glob("*.mask.tiff"))]
+    assert all(np.array_equal(a > 0, b > 0) for a, b in zip(split, whole))  # same foreground
+    assert sum(int(m.max()) for m in whole) <= sum(int(m.max()) for m in split)
+
+
 def _tables(folder: Path) -> dict[str, pd.DataFrame]:
     return {p.name: (pd.read_csv(p) if p.suffix == ".csv" else pd.read_parquet(p))
             for p in sorted(folder.iterdir()) if p.suffix in (".csv", ".parquet") and p.stat().st_size > 1}

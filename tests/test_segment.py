@@ -130,6 +130,19 @@ def test_threshold_without_watershed_split_merges_pairs():
     assert all(matches[a][0] == matches[b][0] for a, b in pairs)
 
 
+def test_split_touching_false_keeps_each_component_whole():
+    """split_touching=False: one object per connected foreground component, pairs merged,
+    separate nuclei still separate."""
+    image, truth, pairs = synthetic_frame(0)
+    split = segment_nuclei(image, remove_edge_objects=False)
+    whole = segment_nuclei(image, remove_edge_objects=False, split_touching=False)
+    assert_label_contract(whole, image.shape)
+    matches = best_iou(truth, whole)
+    assert all(matches[a][0] == matches[b][0] for a, b in pairs)
+    assert whole.max() == split.max() - len(pairs)  # exactly the touching pairs were merged
+    assert np.array_equal(whole > 0, split > 0)  # the same foreground
+
+
 def test_edge_removal_is_exact():
     image, truth, _ = synthetic_frame(0)
     kept = segment_nuclei(image, remove_edge_objects=False)

@@ -44,6 +44,8 @@ def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=d["min_nucleus_size"], help="smallest nucleus in pixels")
     parser.add_argument("--keep-edge-objects", action="store_true",
                         help="keep nuclei that touch the image border (removed by default)")
+    parser.add_argument("--no-split-touching", dest="split_touching", action="store_false",
+                        help="threshold: keep touching nuclei as one object (a cell's chromatin stays whole)")
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -403,13 +405,15 @@ def _parse_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _segmentation_options(args):
-    from morphotype.pipeline import SegmentationOptions
+    from morphotype.run import segmentation_options
 
-    extra = {}
-    if args.backend == "cellpose":
-        extra = {"model": args.cellpose_model, "diameter": args.diameter, "flow_threshold": args.flow_threshold,
-                 "cellprob_threshold": args.cellprob_threshold, "gpu": args.gpu}
-    return SegmentationOptions(args.backend, not args.keep_edge_objects, args.min_size, tuple(sorted(extra.items())))
+    return segmentation_options({
+        "segmentation_backend": args.backend, "cellpose_model": args.cellpose_model,
+        "cellpose_diameter": args.diameter, "cellpose_flow_threshold": args.flow_threshold,
+        "cellpose_cellprob_threshold": args.cellprob_threshold, "use_gpu": args.gpu,
+        "remove_edge_objects": not args.keep_edge_objects, "min_nucleus_size": args.min_size,
+        "split_touching_nuclei": args.split_touching,
+    })
 
 
 def _command_segment(args) -> str:

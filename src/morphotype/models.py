@@ -301,8 +301,10 @@ def balanced_sample_weight(y: np.ndarray) -> np.ndarray:
 class _Problem:
     """Weight-normalised smooth part of the objective: sum s_i logloss_i + lam2/2 ||W||^2, sum s = 1.
 
-    Multiclass: logits X W + b for every class. Binary: class 0's logit is pinned to 0 and one
-    column is free (scikit-learn's binary parametrisation).
+    W is (classes, features), as scikit-learn's ``coef_``. Multiclass: logits W X^T + b for every
+    class. Binary: class 0's logit is pinned to 0 and one row is free (scikit-learn's binary
+    parametrisation). Logits are held class-major, (classes, cells): with 15 classes and
+    thousands of cells the products and the softmax reductions run ~1.5x faster that way.
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, sample_weight: np.ndarray, binary: bool):
@@ -316,25 +318,25 @@ class _Problem:
         self.weight_sum = float(sample_weight.sum())
         self.s = sample_weight / self.weight_sum
         self.rows = np.arange(self.n)
-        self.onehot_s = np.zeros((self.n, self.K))
-        self.onehot_s[self.rows, y] = self.s
+        self.onehot_s = np.zeros((self.K, self.n))
+        self.onehot_s[y, self.rows] = self.s
 
     def smooth(self, W: np.ndarray, b: np.ndarray, lam2: float) -> tuple[float, np.ndarray, np.ndarray]:
-        Z = self.X @ W
-        Z += b
+        Z = W @ self.XT
+        Z += b[:, None]
         if self.binary:
-            Z = np.concatenate([np.zeros((self.n, 1)), Z], axis=1)
-        Z -= Z.max(axis=1, keepdims=True)
+            Z = np.concatenate([np.zeros((1, self.n)), Z], axis=0)
+        Z -= Z.max(axis=0)
         E = np.exp(Z)
-        total = E.sum(axis=1)
-        loss = float(self.s @ (np.log(total) - Z[self.rows, self.y]))
-        E *= (self.s / total)[:, None]
+        total = E.sum(axis=0)
+        loss = float(self.s @ (np.log(total) - Z[self.y, self.rows]))
+        E *= self.s / total
         E -= self.onehot_s  # residual s_i * (P - Y)
         if self.binary:
-            E = E[:, 1:]
-        grad_W = self.XT @ E
+            E = E[1:]
+        grad_W = E @ self.X
         grad_W += lam2 * W
-        return loss + 0.5 * lam2 * float(np.sum(W * W)), grad_W, E.sum(axis=0)
+        return loss + 0.5 * lam2 * float(np.sum(W * W)), grad_W, E.sum(axis=1)
 
     def kkt(self, W: np.ndarray, b: np.ndarray, lam1: float, lam2: float) -> float:
         """Largest violation of the optimality conditions (0 at the optimum)."""
@@ -410,10 +412,10 @@ def fit_logistic(
     k = problem.k_free
     lam1, lam2 = _penalties(C, l1_ratio, problem.weight_sum)
 
-    W = np.zeros((p, k))
+    W = np.zeros((k, p))
     b = np.zeros(k)
     if coef_init is not None:
-        W = np.array(coef_init, dtype=np.float64)[present if not binary else slice(None)].T.copy()
+        W = np.array(coef_init, dtype=np.float64)[present if not binary else slice(None)].copy()
         b = np.array(intercept_init, dtype=np.float64)[present if not binary else slice(None)].copy()
         b[~np.isfinite(b)] = 0.0
         b -= b.mean() if not binary else 0.0
@@ -422,8 +424,8 @@ def fit_logistic(
     if l1_ratio > 0:
         # Split form: W = W+ - W-, both >= 0, so the L1 term is linear and L-BFGS-B applies.
         def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            Wp = theta[:size].reshape(p, k)
-            Wm = theta[size:2 * size].reshape(p, k)
+            Wp = theta[:size].reshape(k, p)
+            Wm = theta[size:2 * size].reshape(k, p)
             value, gW, gb = problem.smooth(Wp - Wm, theta[2 * size:], lam2)
             value += lam1 * (theta[:2 * size].sum())
             return value, np.concatenate([(gW + lam1).ravel(), (lam1 - gW).ravel(), gb])
@@ -432,19 +434,19 @@ def fit_logistic(
             return np.concatenate([np.maximum(W, 0).ravel(), np.maximum(-W, 0).ravel(), b])
 
         def unpack(theta):
-            return theta[:size].reshape(p, k) - theta[size:2 * size].reshape(p, k), theta[2 * size:].copy()
+            return theta[:size].reshape(k, p) - theta[size:2 * size].reshape(k, p), theta[2 * size:].copy()
 
         bounds = [(0.0, None)] * (2 * size) + [(None, None)] * k
     else:
         def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            value, gW, gb = problem.smooth(theta[:size].reshape(p, k), theta[size:], lam2)
+            value, gW, gb = problem.smooth(theta[:size].reshape(k, p), theta[size:], lam2)
             return value, np.concatenate([gW.ravel(), gb])
 
         def pack(W, b):
             return np.concatenate([W.ravel(), b])
 
         def unpack(theta):
-            return theta[:size].reshape(p, k).copy(), theta[size:].copy()
+            return theta[:size].reshape(k, p).copy(), theta[size:].copy()
 
         bounds = None
 
@@ -473,11 +475,11 @@ def fit_logistic(
     objective = C * problem.weight_sum * value + 0.5 * (1 - l1_ratio) * float(np.sum(W * W)) + \
         l1_ratio * float(np.abs(W).sum())
     if binary:
-        coef, intercept = W.T.copy(), b.copy()
+        coef, intercept = W.copy(), b.copy()
     else:
         coef = np.zeros((n_classes, p))
         intercept = np.full(n_classes, -np.inf)
-        coef[present] = W.T
+        coef[present] = W
         intercept[present] = b - b.mean()  # softmax is invariant to a common shift
     return SolverResult(coef, intercept, n_iter, bool(converged), float(kkt), float(objective))
 

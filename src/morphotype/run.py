@@ -42,6 +42,7 @@ PARAM_DEFAULTS: dict[str, object] = {
     "use_gpu": False,
     "min_nucleus_size": 15,
     "remove_edge_objects": True,
+    "split_touching_nuclei": True,  # threshold backend: watershed-split touching nuclei
     "annotation_tolerance": 5.0,  # pixels from an annotated centre to the nearest mask
     "batch_size": 500,  # images per Nextflow task
     # deep features (off unless given)
@@ -134,16 +135,22 @@ def _coerce(value: object, default: object) -> object:
 def segmentation_options(params: dict):
     from morphotype.pipeline import SegmentationOptions
 
+    from morphotype.segment import BUILTIN_CELLPOSE_MODELS
+
     backend = params["segmentation_backend"]
     extra: dict[str, object] = {}
     if backend == "cellpose":
+        model = str(params["cellpose_model"])
+        # A built-in name is looked up in Cellpose's local cache; anything else is a weights file.
         extra = {
-            "model": params["cellpose_model"],
+            **({"model_type": model} if model in BUILTIN_CELLPOSE_MODELS else {"pretrained_model": model}),
             "diameter": float(params["cellpose_diameter"]),
             "flow_threshold": float(params["cellpose_flow_threshold"]),
             "cellprob_threshold": float(params["cellpose_cellprob_threshold"]),
             "gpu": bool(params["use_gpu"]),
         }
+    elif not params["split_touching_nuclei"]:
+        extra = {"split_touching": False}
     return SegmentationOptions(
         backend=backend,
         remove_edge_objects=bool(params["remove_edge_objects"]),
