@@ -424,3 +424,21 @@ def test_one_frame_file_per_plate_well_site_and_frame(tmp_path):
     ])
     with pytest.raises(MorphotypeInputError, match="row 3: .* comes from two movies"):
         idr.stream_frames(sheet, tmp_path)
+
+
+def test_stream_command_names_frames_where_the_cache_is_published(tmp_path, served):
+    """`morphotype stream --image-root`: the sheet names the frames under the published cache
+    (a Nextflow outdir, maybe s3://), with the same layout as the cache the task wrote."""
+    from morphotype.cli import main
+
+    cache, out = tmp_path / "task", tmp_path / "frames.csv"
+    with idr.LoopbackFileServer(served) as server:
+        sheet = tmp_path / "movies.csv"
+        _sheet(server.url, [("00001_01.ch5", 1, [0, 3]), ("00002_01.ch5", 2, [1])]).to_csv(sheet, index=False)
+        assert main(["stream", "--samplesheet", str(sheet), "--cache", str(cache), "--out", str(out),
+                     "--variant", "no_ic", "--image-root", "s3://bucket/results/idr/frames/"]) == 0
+    frames = pd.read_csv(out)
+    assert list(frames["image"]) == [f"s3://bucket/results/idr/frames/frames/no_ic/P1/P1_{well}_1_{frame}.tiff"
+                                     for well, frame in [(1, 0), (1, 3), (2, 1)]]
+    for image in frames["image"]:  # the same relative path holds the frame in the task's cache
+        assert (cache / image.removeprefix("s3://bucket/results/idr/frames/")).is_file()

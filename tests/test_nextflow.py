@@ -1204,11 +1204,11 @@ def test_idr_plates_stream_in_movie_batches_and_equal_morphotype_run(tmp_path, l
 
     with idr.LoopbackFileServer(idr_server_root) as server:
         # raw frames: BaSiC (ic) takes ~37 s per frame here; tests/test_idr.py checks the correction
-        params = {**demo_params, "mitocheck_crops": None, "idr_plates": "LT0003_40", "idr_base_url": server.url,
-                  "illumination_correction": False, "idr_movies_per_batch": 3}
-        result = simulate(tmp_path / "nextflow", lint, groovy, params, batch_size=3)
         outdir = tmp_path / "run" / "results"
-        run({**params, "outdir": str(outdir)}, workers=1)
+        params = {**demo_params, "mitocheck_crops": None, "idr_plates": "LT0003_40", "idr_base_url": server.url,
+                  "illumination_correction": False, "idr_movies_per_batch": 3, "outdir": str(outdir)}
+        result = simulate(tmp_path / "nextflow", lint, groovy, params, batch_size=3)  # publishes nothing
+        run(params, workers=1)
 
     calls = [task.call for task in result["tasks"]]
     assert set(calls) == IDR_CALLS | CROPS_CALLS - {"MORPHOTYPE_SAMPLESHEET_MITOCHECKCROPS"}
@@ -1223,16 +1223,19 @@ def test_idr_plates_stream_in_movie_batches_and_equal_morphotype_run(tmp_path, l
 
     pd.testing.assert_frame_equal(pd.read_csv(result["samplesheet"]), pd.read_csv(outdir / "samplesheet" / "samplesheet.csv"))
     # the frames: written by the stream tasks, staged by name into the image batches
+    # the published frames.csv names the published frames (idr/frames/frames/<variant>/<plate>/), as run's
     run_frames = pd.read_csv(outdir / "idr" / "frames.csv")
-    frames = pd.read_csv(result["frames"])
-    pd.testing.assert_frame_equal(frames.drop(columns="image"), run_frames.drop(columns="image"))
-    for image, reference in zip(frames["image"], run_frames["image"]):
-        assert Path(image).name == Path(reference).name and "/frames/no_ic/LT0003_40/" in image
-        assert Path(image).read_bytes() == Path(reference).read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(result["frames"]), run_frames)
+    assert all("/idr/frames/frames/no_ic/LT0003_40/" in image for image in run_frames["image"])
+    staged = {}
     for meta, sheet, images in result["batches"]:
         batch = pd.read_csv(sheet)
         assert set(batch["image"]) == {f"images/{image.name}" for image in images}
         assert all(image.is_file() and "MORPHOTYPE_STREAM.movies_" in str(image) for image in images)
+        staged.update({image.name: image for image in images})
+    assert set(staged) == {Path(image).name for image in run_frames["image"]}
+    for image in run_frames["image"]:  # the frames the stream tasks wrote are run's
+        assert staged[Path(image).name].read_bytes() == Path(image).read_bytes()
     # segmentation and features as `morphotype run` (image paths name different caches)
     pd.testing.assert_frame_equal(pd.read_csv(result["segmentation_summary"]).drop(columns="image"),
                                   pd.read_csv(outdir / "segmentation" / "segmentation_summary.csv").drop(columns="image"))

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--retries", type=int, default=6, help="further attempts after the first")
     stream.add_argument("--md5", type=Path, default=None, help="md5sum-style table of expected checksums")
     stream.add_argument("--skip-missing", action="store_true", help="report and skip missing/corrupt movies")
+    stream.add_argument("--image-root", default=None,
+                        help="write each frame's image as IMAGE_ROOT/<its path under --cache>: where the cache "
+                        "is published (a pipeline's outdir), not where this task wrote it")
 
     normalize = commands.add_parser(
         "normalize",
@@ -450,6 +453,10 @@ def _command_stream(args) -> str:
         md5=idr.read_md5_table(args.md5) if args.md5 else None,
         on_error="skip" if args.skip_missing else "raise",
     )
+    if args.image_root:
+        cache = Path(args.cache).resolve()
+        root = str(args.image_root).rstrip("/")
+        frames["image"] = [f"{root}/{Path(image).relative_to(cache).as_posix()}" for image in frames["image"]]
     write_samplesheet(frames.drop(columns=["file_id", "image_id"], errors="ignore"), args.out)
     return (f"{stats.frames_written} frames written, {stats.frames_from_cache} from cache, "
             f"{stats.bytes_downloaded / 1e6:.1f} MB downloaded, {len(stats.failed)} failed; sheet {args.out}")
