@@ -341,13 +341,15 @@ def _model_section(model_id: str, card: dict, run: RunOutputs, figures: FigureWr
     classes = [card["positive_class"]] if card.get("model_type") == "binary" else list(card["classes"])
     hyper = card.get("hyperparameters", {})
     cv = card.get("cross_validation") or {}
+    score = cv.get("score")
+    score = f"{score:.4f}" if isinstance(score, (int, float)) else score
     parts = [f'<section id="model-{_esc(model_id)}" class="model"><h2>Model {_esc(model_id)}</h2>\n',
              f"<p>Type: {_esc(card.get('model_type'))}; feature space "
              f'<a href="#feature-space-{_esc(card.get("feature_space"))}">{_esc(card.get("feature_space"))}</a> '
              f"({len(card.get('features', []))} features, {card.get('n_nonzero_coefficients')} non-zero coefficients); "
              f"C = {_esc(hyper.get('C'))}, l1_ratio = {_esc(hyper.get('l1_ratio'))}, class weight = "
              f"{_esc(hyper.get('class_weight'))}; shuffled baseline: {_esc(card.get('shuffled'))}; "
-             f"CV weighted F1 = {_esc(cv.get('score'))}; converged: {_esc((card.get('training') or {}).get('converged'))}.</p>\n"]
+             f"CV weighted F1 = {_esc(score)}; converged: {_esc((card.get('training') or {}).get('converged'))}.</p>\n"]
     prefix = f"model_{model_id}"
     if card.get("model_type") == "binary":
         return "".join(parts) + _binary_figure(model_id, card, run, figures) + "</section>\n"
