@@ -1203,7 +1203,7 @@ def test_idr_plates_stream_in_movie_batches_and_equal_morphotype_run(tmp_path, l
     from morphotype.run import run
 
     with idr.LoopbackFileServer(idr_server_root) as server:
-        # raw frames: BaSiC (ic) takes ~37 s per frame here; tests/test_idr.py checks the correction
+        # raw frames keep this test short; tests/test_idr.py checks the BaSiC (ic) correction
         outdir = tmp_path / "run" / "results"
         params = {**demo_params, "mitocheck_crops": None, "idr_plates": "LT0003_40", "idr_base_url": server.url,
                   "illumination_correction": False, "idr_movies_per_batch": 3, "outdir": str(outdir)}
