@@ -487,21 +487,23 @@ def process_config(call: str) -> dict[str, str]:
     for selector in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
         if not re.fullmatch(selector.group(1), call):
             continue
-        body = text[selector.end():_closing_brace(text, selector.end() - 1)]
+        body = text[selector.end():_closing(text, selector.end() - 1)]
         for ext in re.finditer(r"^\s*ext\.(\w+)\s*=\s*", body, re.M):
             start = ext.end()
-            end = _closing_brace(body, start) + 1 if body[start] == "{" else body.index("\n", start)
+            end = _closing(body, start) + 1 if body[start] == "{" else body.index("\n", start)
             settings[ext.group(1)] = body[start:end].strip()
     return settings
 
 
-def _closing_brace(text: str, opening: int) -> int:
+def _closing(text: str, opening: int) -> int:
+    """Index of the brace or bracket that closes the one at ``opening``."""
+    close = {"{": "}", "[": "]"}[text[opening]]
     depth = 0
     for index in range(opening, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        depth += {text[opening]: 1, close: -1}.get(text[index], 0)
         if depth == 0:
             return index
-    raise ValueError("unbalanced braces")
+    raise ValueError(f"unbalanced {text[opening]}{close}")
 
 
 def render_ext(groovy: Groovy, call: str, params: dict) -> dict[str, str]:
@@ -985,11 +987,11 @@ def test_published_layout_is_the_run_layout(groovy):
     published = {}
     params = {"outdir": "OUT", "idr_cache": None, "publish_dir_mode": "copy", "deep_weights": None, "ssl_encoder": None}
     for selector in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
-        body = text[selector.end():_closing_brace(text, selector.end() - 1)]
+        body = text[selector.end():_closing(text, selector.end() - 1)]
         if "publishDir" not in body:
             continue
         start = body.index("publishDir")
-        publish_dir = body[body.index("[", start):_closing_bracket(body, body.index("[", start)) + 1]
+        publish_dir = body[body.index("[", start):_closing(body, body.index("[", start)) + 1]
         rendered = groovy(f"def value = {publish_dir}\n"
                           "value.collectEntries { k, v -> [k, v instanceof Closure ? v.call().toString() : v] }",
                           params=params)
@@ -1018,15 +1020,6 @@ def test_published_layout_is_the_run_layout(groovy):
     deep = groovy("def value = " + text[text.index("enabled:") + 8:].split("\n")[0].rstrip(",") + "\nvalue",
                   params={**params, "deep_weights": "w.h5"})
     assert deep is False  # MERGE_FEATURES does not publish when MERGE_DEEP_FEATURES does
-
-
-def _closing_bracket(text: str, opening: int) -> int:
-    depth = 0
-    for index in range(opening, len(text)):
-        depth += {"[": 1, "]": -1}.get(text[index], 0)
-        if depth == 0:
-            return index
-    raise ValueError("unbalanced brackets")
 
 
 @pytest.mark.slow
