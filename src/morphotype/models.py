@@ -7,11 +7,16 @@ objective (``LogisticRegression(C=C, l1_ratio=a, class_weight=...)``)::
 
 where ``w_i`` are the sample weights (``class_weight="balanced"``: n / (K * n_class)). The study's
 saga fits stopped at ``max_iter=100`` without converging (~27 s each); here every fit is solved to
-a stated tolerance on the KKT conditions with scipy's L-BFGS-B on the smooth split form
-``W = W+ - W-`` (W+, W- >= 0; the L1 term becomes linear), each grid fit warm-started from its
-solved neighbour (previous l1_ratio, or previous C). L-BFGS-B needed 2-3x fewer iterations
-than accelerated proximal gradient (FISTA with backtracking and restarts) on the MitoCheck CP
-features, for the same tolerance.
+a stated tolerance on the KKT conditions, each grid fit warm-started from its solved neighbour
+(previous l1_ratio, or previous C):
+
+- ``l1_ratio > 0``: scipy's L-BFGS-B on the smooth split form ``W = W+ - W-`` (W+, W- >= 0; the
+  L1 term becomes linear). It needed 2-3x fewer iterations than accelerated proximal gradient
+  (FISTA with backtracking and restarts) on the MitoCheck CP features, for the same tolerance.
+- ``l1_ratio = 0`` (smooth): L-BFGS whose initial Hessian is a Kronecker-factored (K-FAC) model
+  of the softmax curvature, classes x features; 2-3.5x fewer iterations than L-BFGS-B there.
+  Preconditioning does not carry over to the split form (its bounds need a diagonal metric), and
+  orthant-wise variants with K-FAC stalled on the coordinates the L1 term sets to zero.
 Binary (one-vs-rest) models use scikit-learn's binary objective (one coefficient vector).
 
 Everything is deterministic given ``random_state``; models are saved as ``coefficients.npz`` plus
@@ -338,6 +343,51 @@ class _Problem:
         grad_W += lam2 * W
         return loss + 0.5 * lam2 * float(np.sum(W * W)), grad_W, E.sum(axis=1)
 
+    def free_probabilities(self, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Probabilities (k_free, n) of the classes with free logits (binary: the positive class)."""
+        Z = W @ self.XT
+        Z += b[:, None]
+        if self.binary:
+            Z = np.concatenate([np.zeros((1, self.n)), Z], axis=0)
+        Z -= Z.max(axis=0)
+        E = np.exp(Z)
+        E /= E.sum(axis=0)
+        return E[1:] if self.binary else E
+
+    def kfac_inverse(self, W: np.ndarray, b: np.ndarray, lam2: float):
+        """Inverse of a Kronecker-factored model of the Hessian at (W, b): ``A (x) B + lam2 I``.
+
+        The loss Hessian is ``sum_i s_i (diag p_i - p_i p_i^T) (x) x_i x_i^T`` over the free classes
+        and the features with a constant 1 for the intercept. K-FAC (Martens & Grosse 2015) keeps
+        ``A = sum_i s_i (diag p_i - p_i p_i^T)`` and ``B = sum_i c_i x_i x_i^T`` with ``c_i`` each
+        cell's share of the curvature, so cells the model is sure of weigh little, as in the
+        Hessian. Applied through the eigenvectors of A (k x k) and B (p+1 x p+1): cheap per step.
+        Returns a function of (gradient of W, gradient of b) giving the preconditioned pair.
+        """
+        P = self.free_probabilities(W, b)
+        sP = P * self.s
+        A = -(sP @ P.T)
+        A[np.diag_indices_from(A)] += sP.sum(axis=1)
+        curvature = (sP * (1.0 - P)).sum(axis=0)
+        c = curvature / max(float(curvature.sum()), np.finfo(float).tiny)
+        cX = self.X * c[:, None]
+        B = np.empty((self.p + 1, self.p + 1))
+        B[:-1, :-1] = self.X.T @ cX
+        B[:-1, -1] = B[-1, :-1] = cX.sum(axis=0)
+        B[-1, -1] = c.sum()
+        a_values, U = np.linalg.eigh(A)
+        b_values, V = np.linalg.eigh(B)
+        # lam2 damps every direction (it is the L2 term's own curvature); the floor keeps the
+        # softmax's shift-invariant direction (A's null vector) finite when lam2 is tiny.
+        scale = np.maximum(a_values, 0.0)[:, None] * np.maximum(b_values, 0.0)[None, :] + lam2 + 1e-10
+
+        def apply(gW: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            G = np.concatenate([gW, gb[:, None]], axis=1)
+            D = U @ ((U.T @ G @ V) / scale) @ V.T
+            return D[:, :-1], D[:, -1]
+
+        return apply
+
     def kkt(self, W: np.ndarray, b: np.ndarray, lam1: float, lam2: float) -> float:
         """Largest violation of the optimality conditions (0 at the optimum)."""
         _, g, gb = self.smooth(W, b, lam2)
@@ -346,6 +396,76 @@ class _Problem:
         step = W - g
         residual = W - np.sign(step) * np.maximum(np.abs(step) - lam1, 0.0)
         return float(max(np.abs(residual).max(initial=0.0), np.abs(gb).max(initial=0.0)))
+
+
+# Iterations between fresh K-FAC models in the smooth solver: the curvature drifts as the fit
+# saturates (C = 1e3 from zero, tol 1e-6: 740 iterations against 2,200 without refreshing).
+_KFAC_REFRESH = 200
+
+
+def _preconditioned_lbfgs(problem: _Problem, W: np.ndarray, b: np.ndarray, lam2: float, tol: float,
+                          max_iter: int, memory: int = 10) -> tuple[np.ndarray, np.ndarray, int]:
+    """Minimise the smooth objective (``l1_ratio = 0``) by L-BFGS whose initial Hessian is K-FAC.
+
+    Plain L-BFGS starts each direction from a multiple of the identity and needs ~250 iterations
+    at C = 1 on the MitoCheck CP features (correlated features, cells of very unequal
+    curvature); starting it from :meth:`_Problem.kfac_inverse` needs ~80. Armijo backtracking
+    from the unit step, which the preconditioned direction nearly always takes. Stops when the
+    KKT residual (here the gradient) is <= tol, at ``max_iter``, or when no step decreases the
+    objective (rounding); the caller checks convergence and finishes with L-BFGS-B if needed.
+    """
+    value, gW, gb = problem.smooth(W, b, lam2)
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]] = []  # sW, sb, yW, yb, 1/(s.y)
+    n_iter = 0
+    while max(np.abs(gW).max(initial=0.0), np.abs(gb).max(initial=0.0)) > tol and n_iter < max_iter:
+        if n_iter % _KFAC_REFRESH == 0:  # a fresh model of the curvature, and memory to match
+            precondition = problem.kfac_inverse(W, b, lam2)
+            pairs.clear()
+        # Two-loop recursion with K-FAC as the initial inverse Hessian.
+        qW, qb = gW.copy(), gb.copy()
+        alphas = []
+        for sW, sb, yW, yb, rho in reversed(pairs):
+            alpha = rho * (np.sum(sW * qW) + sb @ qb)
+            qW -= alpha * yW
+            qb -= alpha * yb
+            alphas.append(alpha)
+        dW, db = precondition(qW, qb)
+        if pairs:  # Oren-Luenberger: rescale K-FAC by the latest pair, as L-BFGS rescales I
+            sW, sb, yW, yb, rho = pairs[-1]
+            mW, mb = precondition(yW, yb)
+            gamma = (1.0 / rho) / (np.sum(yW * mW) + yb @ mb)
+            dW *= gamma
+            db *= gamma
+        for (sW, sb, yW, yb, rho), alpha in zip(pairs, reversed(alphas)):
+            beta = rho * (np.sum(yW * dW) + yb @ db)
+            dW += (alpha - beta) * sW
+            db += (alpha - beta) * sb
+        dW, db = -dW, -db
+        slope = float(np.sum(gW * dW) + gb @ db)
+        if slope >= 0:  # the memory went stale: restart from the preconditioned gradient
+            pairs.clear()
+            dW, db = precondition(gW, gb)
+            dW, db = -dW, -db
+            slope = float(np.sum(gW * dW) + gb @ db)
+        step = 1.0
+        while True:
+            trial_W, trial_b = W + step * dW, b + step * db
+            trial_value, trial_gW, trial_gb = problem.smooth(trial_W, trial_b, lam2)
+            if trial_value <= value + 1e-4 * step * slope:
+                break
+            step *= 0.5
+            if step < 1e-10:  # no decrease left to find in double precision
+                return W, b, n_iter
+        sW, sb = trial_W - W, trial_b - b
+        yW, yb = trial_gW - gW, trial_gb - gb
+        curvature = float(np.sum(sW * yW) + sb @ yb)
+        if curvature > 1e-16:
+            pairs.append((sW, sb, yW, yb, 1.0 / curvature))
+            if len(pairs) > memory:
+                pairs.pop(0)
+        W, b, value, gW, gb = trial_W, trial_b, trial_value, trial_gW, trial_gb
+        n_iter += 1
+    return W, b, n_iter
 
 
 def _penalties(C: float, l1_ratio: float, weight_sum: float) -> tuple[float, float]:
@@ -451,6 +571,8 @@ def fit_logistic(
         bounds = None
 
     n_iter = 0
+    if l1_ratio == 0 and max_iter > 0:
+        W, b, n_iter = _preconditioned_lbfgs(problem, W, b, lam2, tol, max_iter)
     kkt = problem.kkt(W, b, lam1, lam2)
     # L-BFGS-B may stop on a line-search failure before the KKT tolerance: restart it with
     # fresh curvature memory from where it stopped, a few times.
