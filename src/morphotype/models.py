@@ -326,12 +326,17 @@ class _Problem:
         self.onehot_s = np.zeros((self.K, self.n))
         self.onehot_s[y, self.rows] = self.s
 
-    def smooth(self, W: np.ndarray, b: np.ndarray, lam2: float) -> tuple[float, np.ndarray, np.ndarray]:
+    def _logits(self, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Logits of every class (K, n), shifted so each cell's largest is 0 (stable softmax)."""
         Z = W @ self.XT
         Z += b[:, None]
         if self.binary:
             Z = np.concatenate([np.zeros((1, self.n)), Z], axis=0)
         Z -= Z.max(axis=0)
+        return Z
+
+    def smooth(self, W: np.ndarray, b: np.ndarray, lam2: float) -> tuple[float, np.ndarray, np.ndarray]:
+        Z = self._logits(W, b)
         E = np.exp(Z)
         total = E.sum(axis=0)
         loss = float(self.s @ (np.log(total) - Z[self.y, self.rows]))
@@ -345,12 +350,7 @@ class _Problem:
 
     def free_probabilities(self, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Probabilities (k_free, n) of the classes with free logits (binary: the positive class)."""
-        Z = W @ self.XT
-        Z += b[:, None]
-        if self.binary:
-            Z = np.concatenate([np.zeros((1, self.n)), Z], axis=0)
-        Z -= Z.max(axis=0)
-        E = np.exp(Z)
+        E = np.exp(self._logits(W, b))
         E /= E.sum(axis=0)
         return E[1:] if self.binary else E
 
