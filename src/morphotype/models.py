@@ -362,7 +362,7 @@ class _Problem:
         ``A = sum_i s_i (diag p_i - p_i p_i^T)`` and ``B = sum_i c_i x_i x_i^T`` with ``c_i`` each
         cell's share of the curvature, so cells the model is sure of weigh little, as in the
         Hessian. Applied through the eigenvectors of A (k x k) and B (p+1 x p+1): cheap per step.
-        Returns a function of (gradient of W, gradient of b) giving the preconditioned pair.
+        Returns a function mapping a (k_free, p + 1) gradient (W's, then b's column) to the step.
         """
         P = self.free_probabilities(W, b)
         sP = P * self.s
@@ -381,12 +381,7 @@ class _Problem:
         # softmax's shift-invariant direction (A's null vector) finite when lam2 is tiny.
         scale = np.maximum(a_values, 0.0)[:, None] * np.maximum(b_values, 0.0)[None, :] + lam2 + 1e-10
 
-        def apply(gW: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            G = np.concatenate([gW, gb[:, None]], axis=1)
-            D = U @ ((U.T @ G @ V) / scale) @ V.T
-            return D[:, :-1], D[:, -1]
-
-        return apply
+        return lambda G: U @ ((U.T @ G @ V) / scale) @ V.T
 
     def kkt(self, W: np.ndarray, b: np.ndarray, lam1: float, lam2: float) -> float:
         """Largest violation of the optimality conditions (0 at the optimum)."""
@@ -414,58 +409,54 @@ def _preconditioned_lbfgs(problem: _Problem, W: np.ndarray, b: np.ndarray, lam2:
     KKT residual (here the gradient) is <= tol, at ``max_iter``, or when no step decreases the
     objective (rounding); the caller checks convergence and finishes with L-BFGS-B if needed.
     """
-    value, gW, gb = problem.smooth(W, b, lam2)
-    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]] = []  # sW, sb, yW, yb, 1/(s.y)
+    def evaluate(theta: np.ndarray) -> tuple[float, np.ndarray]:  # theta = [W | b], (k_free, p + 1)
+        value, gW, gb = problem.smooth(theta[:, :-1], theta[:, -1], lam2)
+        return value, np.concatenate([gW, gb[:, None]], axis=1)
+
+    theta = np.concatenate([W, b[:, None]], axis=1)
+    value, grad = evaluate(theta)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []  # (s, y, 1 / s.y), oldest first
     n_iter = 0
-    while max(np.abs(gW).max(initial=0.0), np.abs(gb).max(initial=0.0)) > tol and n_iter < max_iter:
+    while np.abs(grad).max() > tol and n_iter < max_iter:
         if n_iter % _KFAC_REFRESH == 0:  # a fresh model of the curvature, and memory to match
-            precondition = problem.kfac_inverse(W, b, lam2)
+            precondition = problem.kfac_inverse(theta[:, :-1], theta[:, -1], lam2)
             pairs.clear()
         # Two-loop recursion with K-FAC as the initial inverse Hessian.
-        qW, qb = gW.copy(), gb.copy()
+        direction = grad.copy()
         alphas = []
-        for sW, sb, yW, yb, rho in reversed(pairs):
-            alpha = rho * (np.sum(sW * qW) + sb @ qb)
-            qW -= alpha * yW
-            qb -= alpha * yb
-            alphas.append(alpha)
-        dW, db = precondition(qW, qb)
+        for s, y, rho in reversed(pairs):
+            alphas.append(rho * np.sum(s * direction))
+            direction -= alphas[-1] * y
+        direction = precondition(direction)
         if pairs:  # Oren-Luenberger: rescale K-FAC by the latest pair, as L-BFGS rescales I
-            sW, sb, yW, yb, rho = pairs[-1]
-            mW, mb = precondition(yW, yb)
-            gamma = (1.0 / rho) / (np.sum(yW * mW) + yb @ mb)
-            dW *= gamma
-            db *= gamma
-        for (sW, sb, yW, yb, rho), alpha in zip(pairs, reversed(alphas)):
-            beta = rho * (np.sum(yW * dW) + yb @ db)
-            dW += (alpha - beta) * sW
-            db += (alpha - beta) * sb
-        dW, db = -dW, -db
-        slope = float(np.sum(gW * dW) + gb @ db)
+            s, y, rho = pairs[-1]
+            direction *= (1.0 / rho) / np.sum(y * precondition(y))
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+            direction += (alpha - rho * np.sum(y * direction)) * s
+        direction = -direction
+        slope = float(np.sum(grad * direction))
         if slope >= 0:  # the memory went stale: restart from the preconditioned gradient
             pairs.clear()
-            dW, db = precondition(gW, gb)
-            dW, db = -dW, -db
-            slope = float(np.sum(gW * dW) + gb @ db)
+            direction = -precondition(grad)
+            slope = float(np.sum(grad * direction))
         step = 1.0
         while True:
-            trial_W, trial_b = W + step * dW, b + step * db
-            trial_value, trial_gW, trial_gb = problem.smooth(trial_W, trial_b, lam2)
+            trial = theta + step * direction
+            trial_value, trial_grad = evaluate(trial)
             if trial_value <= value + 1e-4 * step * slope:
                 break
             step *= 0.5
             if step < 1e-10:  # no decrease left to find in double precision
-                return W, b, n_iter
-        sW, sb = trial_W - W, trial_b - b
-        yW, yb = trial_gW - gW, trial_gb - gb
-        curvature = float(np.sum(sW * yW) + sb @ yb)
+                return theta[:, :-1].copy(), theta[:, -1].copy(), n_iter
+        s, y = trial - theta, trial_grad - grad
+        curvature = float(np.sum(s * y))
         if curvature > 1e-16:
-            pairs.append((sW, sb, yW, yb, 1.0 / curvature))
+            pairs.append((s, y, 1.0 / curvature))
             if len(pairs) > memory:
                 pairs.pop(0)
-        W, b, value, gW, gb = trial_W, trial_b, trial_value, trial_gW, trial_gb
+        theta, value, grad = trial, trial_value, trial_grad
         n_iter += 1
-    return W, b, n_iter
+    return theta[:, :-1].copy(), theta[:, -1].copy(), n_iter
 
 
 def _penalties(C: float, l1_ratio: float, weight_sum: float) -> tuple[float, float]:
