@@ -121,3 +121,33 @@ def test_mitocheck_crops_sheet(crops_dir, tmp_path):
 def test_mitocheck_crops_needs_manifest(tmp_path):
     with pytest.raises(MorphotypeInputError, match="manifest.csv"):
         from_mitocheck_crops(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf"])
+def test_non_finite_coordinates_are_refused(tmp_path, image_file, value):
+    # "nan" parses as a float and passes `minimum: 0`; left in, every nucleus got the label
+    with pytest.raises(MorphotypeInputError, match=r"row 2, column 'x'"):
+        read_samplesheet(write_sheet(tmp_path, [good_row(image_file, x=value)]))
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"),
+                                              ("image,plate,well,site,frame\n", "no rows")])
+def test_empty_or_header_only_samplesheet_is_refused(tmp_path, content, message):
+    path = tmp_path / "sheet.csv"
+    path.write_text(content)
+    with pytest.raises(MorphotypeInputError, match=message):
+        read_samplesheet(path)
+
+
+def test_crops_of_several_sizes_each_get_their_own_centre(tmp_path):
+    import imageio.v3 as iio
+
+    rows = []
+    for name, shape in (("small.png", (64, 64)), ("large.png", (100, 80))):
+        (tmp_path / "Interphase").mkdir(exist_ok=True)
+        iio.imwrite(tmp_path / "Interphase" / name, np.zeros(shape, np.uint8))
+        rows.append({"phenotype": "Interphase", "file": name, "plate": "P", "well": 1, "field": 1,
+                     "frame": 0, "x": 10, "y": 10})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    sheet = from_mitocheck_crops(tmp_path)
+    assert sheet[["x", "y"]].to_numpy().tolist() == [[32.0, 32.0], [40.0, 50.0]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +45,9 @@ def _cast(value: str, types: list[str]) -> object:
                 if number.is_integer() and re.fullmatch(r"[+-]?\d+(\.0*)?", value.strip()):
                     return int(number)
             elif kind == "number":
-                return float(value)
+                number = float(value)
+                if math.isfinite(number):  # "nan" and "inf" parse as floats but are no coordinates
+                    return number
             elif kind == "string":
                 return value
         except ValueError:
@@ -78,7 +81,14 @@ def read_samplesheet(path: str | Path, *, check_files: bool = True) -> pd.DataFr
     path = Path(path)
     if not path.exists():
         raise MorphotypeInputError(f"{path}: samplesheet does not exist")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise MorphotypeInputError(f"{path}: samplesheet is empty (expected a header line and one row per image)")
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise MorphotypeInputError(f"{path}: cannot be read as a CSV samplesheet ({error})") from error
+    if raw.empty:
+        raise MorphotypeInputError(f"{path}: samplesheet has a header but no rows (expected one row per image)")
     schema = input_schema()
     item_schema = schema["items"]
     properties = item_schema["properties"]
@@ -161,7 +171,7 @@ def from_mitocheck_crops(crops_dir: str | Path) -> pd.DataFrame:
         raise MorphotypeInputError(
             f"{manifest_path}, row {row}: crop {name} does not exist ({len(missing_files)} missing in all)"
         )
-    centre = _crop_centre(images[0]) if images else (0.0, 0.0)
+    centres = [_crop_centre(image) for image in images]  # crops of several sizes: each its own centre
     sheet = pd.DataFrame(
         {
             "image": [str(p.resolve()) for p in images],
@@ -170,8 +180,8 @@ def from_mitocheck_crops(crops_dir: str | Path) -> pd.DataFrame:
             "site": manifest["field"],
             "frame": manifest["frame"],
             "phenotype": manifest["phenotype"],
-            "x": centre[0],
-            "y": centre[1],
+            "x": [centre[0] for centre in centres],
+            "y": [centre[1] for centre in centres],
             "frame_x": manifest["x"],
             "frame_y": manifest["y"],
         }
@@ -181,9 +191,13 @@ def from_mitocheck_crops(crops_dir: str | Path) -> pd.DataFrame:
 
 def _crop_centre(image_path: Path) -> tuple[float, float]:
     """The annotated point of a crop cut as image[y-h/2:y+h/2, x-w/2:x+w/2]."""
-    from morphotype.io import read_image
+    from PIL import Image, UnidentifiedImageError
 
-    height, width = read_image(image_path).shape
+    try:
+        with Image.open(image_path) as image:  # reads the header only: fast for thousands of crops
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise MorphotypeInputError(f"{image_path}: cannot be read as an image ({error})") from error
     return float(width // 2), float(height // 2)
 
 
