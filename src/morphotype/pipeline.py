@@ -82,17 +82,27 @@ def _segment_one(task: tuple[str, str, Path, SegmentationOptions]) -> dict:
     return {"file_id": file_id, "image": location, "objects": int(labels.max(initial=0))}
 
 
+SEGMENTATION_SUMMARY = "segmentation_summary.csv"
+# Present while a segmentation writes into a folder: a killed run leaves it, and features then
+# refuses the folder's mix of old and new masks.
+SEGMENTING_MARKER = ".segmenting"
+
+
 def segment_samplesheet(
     sheet: pd.DataFrame, masks_dir: str | Path, options: SegmentationOptions, *, workers: int | None = None
 ) -> pd.DataFrame:
     """Segment every distinct image of ``sheet``; write one mask per image; return a summary."""
     masks_dir = Path(masks_dir)
     masks_dir.mkdir(parents=True, exist_ok=True)
+    marker = masks_dir / SEGMENTING_MARKER
+    marker.touch()
+    (masks_dir / SEGMENTATION_SUMMARY).unlink(missing_ok=True)
     images = sheet.drop_duplicates("file_id")
     tasks = [(row.file_id, row.image, masks_dir, options) for row in images.itertuples()]
     rows = list(parallel_map(_segment_one, tasks, workers=workers or default_workers(), description="segment"))
     summary = pd.DataFrame(rows, columns=["file_id", "image", "objects"])
-    write_table(summary, masks_dir / "segmentation_summary.csv")
+    write_table(summary, masks_dir / SEGMENTATION_SUMMARY)
+    marker.unlink()
     log.info(
         "segmented %d images with %s: %d nuclei (%d images without any)",
         len(summary), options.backend, summary["objects"].sum(), int((summary["objects"] == 0).sum()),
@@ -113,13 +123,39 @@ def _metadata(row: pd.Series) -> dict:
     return out
 
 
-def _measure_one(task: tuple[pd.DataFrame, Path, float]) -> tuple[list[dict], list[dict]]:
+def _segmentation_objects(masks_dir: Path, file_ids) -> dict[str, int]:
+    """Objects per mask as the segmentation summary records them; refuses an unfinished folder.
+
+    A folder without a summary (masks staged alone, as Nextflow does) is taken as it is.
+    """
+    if (masks_dir / SEGMENTING_MARKER).exists():
+        raise MorphotypeInputError(
+            f"{masks_dir}: a segmentation into this folder did not finish ({SEGMENTING_MARKER} is "
+            "present); its masks may mix two runs: segment again")
+    summary_path = masks_dir / SEGMENTATION_SUMMARY
+    if not summary_path.exists():
+        return {}
+    summary = pd.read_csv(summary_path, dtype={"file_id": str})
+    objects = dict(zip(summary["file_id"], summary["objects"].astype(int)))
+    unknown = [f for f in file_ids if f not in objects]
+    if unknown:
+        raise MorphotypeInputError(
+            f"{summary_path}: no row for image(s) {unknown[:3]} of the samplesheet; the masks come "
+            "from another segmentation: segment this samplesheet again")
+    return objects
+
+
+def _measure_one(task: tuple[pd.DataFrame, Path, float, int | None]) -> tuple[list[dict], list[dict]]:
     from morphotype.features import measure_nuclei
     from morphotype.segment import match_points
-    rows, masks_dir, tolerance = task
+    rows, masks_dir, tolerance, expected_objects = task
     first = rows.iloc[0]
     image = read_image(first["image"])
     labels = read_mask(mask_path(masks_dir, first["file_id"]))
+    if expected_objects is not None and int(labels.max(initial=0)) != expected_objects:
+        raise MorphotypeInputError(
+            f"{mask_path(masks_dir, first['file_id'])}: {int(labels.max(initial=0))} objects, but "
+            f"{SEGMENTATION_SUMMARY} records {expected_objects}: the mask comes from another run")
     if labels.shape != image.shape:
         raise MorphotypeInputError(
             f"{mask_path(masks_dir, first['file_id'])}: mask shape {labels.shape} differs from image "
@@ -170,7 +206,9 @@ def measure_samplesheet(
     """
     from morphotype.features import FEATURE_NAMES
 
-    tasks = [(rows, Path(masks_dir), tolerance) for _, rows in sheet.groupby("file_id", sort=False)]
+    objects = _segmentation_objects(Path(masks_dir), sheet["file_id"].unique())
+    tasks = [(rows, Path(masks_dir), tolerance, objects.get(file_id))
+             for file_id, rows in sheet.groupby("file_id", sort=False)]
     cells: list[dict] = []
     unmatched: list[dict] = []
     for image_cells, image_unmatched in parallel_map(
