@@ -386,6 +386,34 @@ def test_predict_leaves_cells_with_non_finite_features_unpredicted(balanced_mode
     assert out["predicted_phenotype"].notna().sum() == len(table) - 1
 
 
+def test_edited_or_truncated_model_is_refused(balanced_model, tmp_path):
+    directory = models.save_model(balanced_model, tmp_path / "model")
+    card_path, arrays_path = directory / "model_card.json", directory / "coefficients.npz"
+    card = json.loads(card_path.read_text())
+    swapped = dict(card, classes=[card["classes"][1], card["classes"][0], *card["classes"][2:]])
+    card_path.write_text(json.dumps(swapped))
+    with pytest.raises(MorphotypeInputError, match="fingerprint"):
+        models.load_model(directory)  # swapped classes would predict flipped labels
+    card_path.write_text(json.dumps(card))
+    assert models.load_model(directory).classes == card["classes"]
+    arrays_path.write_bytes(arrays_path.read_bytes()[:200])
+    with pytest.raises(MorphotypeInputError, match="truncated"):
+        models.load_model(directory)
+
+
+@pytest.mark.parametrize("change", ["missing", "duplicated", "absent column"])
+def test_predict_refuses_missing_or_duplicated_cell_ids(balanced_model, table, change):
+    broken = table.copy()
+    if change == "missing":
+        broken.loc[3, "Metadata_CellID"] = None
+    elif change == "duplicated":
+        broken.loc[3, "Metadata_CellID"] = broken.loc[2, "Metadata_CellID"]
+    else:
+        broken = broken.drop(columns="Metadata_CellID")
+    with pytest.raises(MorphotypeInputError, match="Metadata_CellID"):
+        models.predict_table(balanced_model, broken)
+
+
 def test_load_model_rejects_incomplete_directory(tmp_path):
     with pytest.raises(MorphotypeInputError, match="model_card.json"):
         models.load_model(tmp_path)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -995,6 +996,13 @@ def predict_table(model: PhenotypeModel, table: pd.DataFrame) -> pd.DataFrame:
     Missing features are an error listing all of them. Cells with a non-finite feature get no
     prediction (NA and NaN probabilities) and are counted in the log.
     """
+    if CELL_ID not in table.columns:
+        raise MorphotypeInputError(f"the table has no {CELL_ID} column: predictions could not be joined back to cells")
+    ids = table[CELL_ID]
+    if ids.isna().any() or ids.duplicated().any():
+        bad = ids[ids.isna() | ids.duplicated()].iloc[0]
+        raise MorphotypeInputError(f"the table's {CELL_ID} must be present and unique per cell; e.g. {bad!r}"
+                                   f" (row {int(np.flatnonzero((ids.isna() | ids.duplicated()).to_numpy())[0]) + 1})")
     missing = [f for f in model.features if f not in table.columns]
     if missing:
         raise MorphotypeInputError(
@@ -1053,7 +1061,27 @@ def model_card(model: PhenotypeModel) -> dict[str, Any]:
         "n_nonzero_coefficients": int(np.count_nonzero(model.coef)),
         "random_state": model.random_state,
         "versions": _versions(),
+        "fingerprint": model_fingerprint(model.coef, model.intercept, model.scaler.mean, model.scaler.scale,
+                                         model.features, model.classes),
     }
+
+
+def model_fingerprint(coef: np.ndarray, intercept: np.ndarray, scaler_mean: np.ndarray,
+                      scaler_scale: np.ndarray, features: Sequence[str], classes: Sequence[str]) -> str:
+    """SHA-256 of the arrays together with the feature and class order they were trained with.
+
+    Stored in the card and checked on load: a truncated or edited ``coefficients.npz``, or a card
+    whose classes (or features) were reordered, would otherwise predict confidently wrong labels.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (coef, intercept, scaler_mean, scaler_scale):
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps([list(features), list(classes)]).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def save_model(model: PhenotypeModel, directory: str | os.PathLike) -> Path:
@@ -1078,7 +1106,8 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
             raise MorphotypeInputError(f"{path}: missing; not a saved morphotype model directory")
     try:
         card = json.loads(card_path.read_text())
-        arrays = np.load(arrays_path)
+        with np.load(arrays_path) as stored:
+            arrays = {name: stored[name] for name in stored.files}
         coef, intercept = arrays["coef"], arrays["intercept"]
         scaler = Scaler(arrays["scaler_mean"], arrays["scaler_scale"], card["scaler"]["reference"],
                         int(card["scaler"]["n_reference_cells"]))
@@ -1088,10 +1117,17 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
             intercept, scaler, float(hyper["C"]), float(hyper["l1_ratio"]), hyper["class_weight"],
             bool(card["shuffled"]), card["model_type"], card["positive_class"], card["cross_validation"],
             card["training"], card["dropped_features"], int(card["random_state"]))
-    except (KeyError, ValueError, TypeError) as error:
-        raise MorphotypeInputError(f"{directory}: malformed model files ({error!r})") from error
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise MorphotypeInputError(f"{directory}: malformed or truncated model files ({error!r})") from error
     if coef.shape[1] != len(model.features) or len(scaler.mean) != len(model.features):
         raise MorphotypeInputError(f"{directory}: coefficients do not match the card's {len(model.features)} features")
+    expected = card.get("fingerprint")
+    if expected is None:
+        log.warning("%s: model card has no fingerprint (written before fingerprints); not verified", directory)
+    elif expected != model_fingerprint(coef, intercept, scaler.mean, scaler.scale, model.features, model.classes):
+        raise MorphotypeInputError(
+            f"{card_path}: fingerprint does not match coefficients.npz with the card's feature and class "
+            "order: the model was edited or corrupted after training; retrain or restore it")
     return model
 
 
