@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from jsonschema import Draft202012Validator
 
-from morphotype.io import MorphotypeInputError, asset_path, write_table
+from morphotype.io import MorphotypeInputError, asset_path, read_image, write_table
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ def from_mitocheck_crops(crops_dir: str | Path) -> pd.DataFrame:
 
 def _crop_centre(image_path: Path) -> tuple[float, float]:
     """The annotated point of a crop cut as image[y-h/2:y+h/2, x-w/2:x+w/2]."""
-    from morphotype.io import read_image
-
     height, width = read_image(image_path).shape
     return float(width // 2), float(height // 2)
 
