@@ -31,6 +31,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 from morphotype import evaluate, models  # noqa: E402
+from morphotype.normalize import fit_zscore  # noqa: E402
 from morphotype.io import read_table  # noqa: E402
 
 REDUCED_GRID = {"C": [1e-3, 1.0, 1e3], "l1_ratio": [0.0, 0.5, 1.0]}  # every 3rd C, every 5th l1_ratio
@@ -73,8 +74,8 @@ def main() -> None:
     data = models.prepare_data(read_table(args.table), args.feature_space)
     split = models.split_cells(data.metadata)
     train = split == "train"
-    scaler = models.fit_scaler(data.negcon_X if data.negcon_X is not None else data.X[train], "reference")
-    keep = scaler.scale > 0
+    scaler = fit_zscore(data.negcon_X if data.negcon_X is not None else data.X[train], "reference")
+    keep = ~scaler.constant
     X = (data.X[train][:, keep] - scaler.mean[keep]) / scaler.scale[keep]
     classes = sorted(set(data.labels))
     y = np.searchsorted(classes, data.labels[train])

@@ -10,7 +10,7 @@ import yaml
 from morphotype.cli import EXIT_BAD_INPUT, main
 from morphotype.features import FEATURE_NAMES
 from morphotype.io import atomic_path, read_mask, write_table
-from morphotype.run import PARAM_DEFAULTS, load_params
+from morphotype.params import PARAM_DEFAULTS, load_params
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from morphotype import evaluate, models
+from morphotype.normalize import fit_zscore
 from morphotype.io import MorphotypeInputError
 
 PHENOTYPES = ["Anaphase", "Apoptosis", "Interphase", "Polylobed"]
@@ -128,7 +129,7 @@ def test_loio_covers_each_cell_once_and_summarises_by_image_and_phenotype(loio, 
 def _refit_without(model, data, image):
     """Independent LOIO refit of one image: same scaler rule, hyper-parameters and class weights."""
     held = data.metadata["Metadata_ImageID"].to_numpy() == image
-    scaler = models.fit_scaler(data.X[~held], "training_set")
+    scaler = fit_zscore(data.X[~held], "training_set")
     codes = np.searchsorted(model.classes, data.labels)
     fit = models.fit_logistic(scaler.transform(data.X[~held]), codes[~held], n_classes=len(model.classes),
                               C=model.C, l1_ratio=model.l1_ratio,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morphotype import models
+from morphotype import models, training
 from morphotype.io import MorphotypeInputError
 
 PHENOTYPES = ["Anaphase", "Apoptosis", "Interphase", "Polylobed"]
@@ -421,13 +421,13 @@ def test_load_model_rejects_incomplete_directory(tmp_path):
 
 def test_train_all_skips_absent_spaces_and_writes_everything(tmp_path):
     table = make_table(n_per_class=20, seed=3, n_images=12)
-    results = models.train_all(table, feature_spaces=("CP", "SSL"), balanced=(True,), shuffled=(False, True),
+    results = training.train_all(table, feature_spaces=("CP", "SSL"), balanced=(True,), shuffled=(False, True),
                                binary=True, binary_feature_spaces=("CP",), grid={"C": [0.1, 10.0], "l1_ratio": [0.5]},
                                cv_folds=3, loio=True, umap=False, n_jobs=1, progress=False)
     assert "SSL" in results.skipped_feature_spaces and "no matching" in results.skipped_feature_spaces["SSL"]
     assert set(results.models) == {"CP__balanced__final", "CP__balanced__shuffled"} | {
         f"binary_{p}__CP__balanced__{kind}" for p in PHENOTYPES for kind in ("final", "shuffled")}
-    written = models.write_results(results, tmp_path)
+    written = training.write_results(results, tmp_path)
     for name in ["f1_scores.csv", "loio_summary.csv", "loio_predictions.parquet", "pr_curves.csv",
                  "confusion_matrices.csv", "silhouette.csv", "umap.parquet", "coefficients.csv", "models.csv",
                  "summary.json", "cell_splits.csv"]:

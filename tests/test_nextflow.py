@@ -37,7 +37,8 @@ from jsonschema import Draft202012Validator
 
 from morphotype import __version__
 from morphotype.cli import build_parser
-from morphotype.run import INFRASTRUCTURE_PARAMS, PARAM_DEFAULTS, STAGES
+from morphotype.params import INFRASTRUCTURE_PARAMS, PARAM_DEFAULTS
+from morphotype.run import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 NFLINT = REPO / "tests" / "nextflow" / "nflint.py"
@@ -883,8 +884,8 @@ def test_idr_plates_reach_the_samplesheet_command(lint, groovy, demo_params):
 
 
 def test_train_options_are_those_of_morphotype_run(groovy, demo_params):
-    """MORPHOTYPE_TRAIN + MORPHOTYPE_EVALUATE carry every option of run.training_options(params)."""
-    from morphotype.run import training_options
+    """MORPHOTYPE_TRAIN + MORPHOTYPE_EVALUATE carry every option of params.training_options(params)."""
+    from morphotype.params import training_options
 
     params = {**demo_params, **{k: FLIPPED[k] for k in ("class_balance", "shuffled_baselines", "binary_models",
                                                          "loio", "umap", "loio_feature_spaces", "split")}}

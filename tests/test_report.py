@@ -20,7 +20,7 @@ from PIL import Image
 
 from morphotype import evaluate, jump
 from morphotype.io import MorphotypeInputError, write_table
-from morphotype.models import train_all, write_results
+from morphotype.training import train_all, write_results
 from morphotype.report import LOIO_PASS_RANK, write_report
 
 # the module trains a real (tiny) run with LOIO and UMAP once: ~30 s of setup on 2 cores

@@ -8,13 +8,29 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from morphotype import __version__
-from morphotype.io import MorphotypeInputError
+import pandas as pd
+
+from morphotype import __version__, idr, jump, normalize
+from morphotype.columns import IMAGE
+from morphotype.evaluate import data_as_trained, evaluate_models, leave_one_image_out, loio_image_chunk, \
+    write_evaluation
+from morphotype.io import MorphotypeInputError, merge_tables, read_table, write_table
+from morphotype.models import combine_results, load_model, load_models, predict_table, write_models
+from morphotype.params import CLASS_BALANCES, PARAM_DEFAULTS, SEGMENTATION_BACKENDS, SPLIT_METHODS, \
+    default_workers, load_params, training_settings
+from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
+from morphotype.report import write_report
+from morphotype.run import run, segmentation_options
+from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
+from morphotype.training import train_all, train_models, write_results
 
 log = logging.getLogger("morphotype")
+# deep (and with it torch) is imported by the two commands that use it: torch takes seconds to load.
+D = PARAM_DEFAULTS  # every option that stands for a pipeline param takes the param's default
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -29,9 +45,8 @@ def _add_workers(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
-    from morphotype.run import PARAM_DEFAULTS as d
-
-    parser.add_argument("--backend", choices=["threshold", "cellpose"], default=d["segmentation_backend"],
+    d = PARAM_DEFAULTS
+    parser.add_argument("--backend", choices=SEGMENTATION_BACKENDS, default=d["segmentation_backend"],
                         help="segmentation backend")
     parser.add_argument("--cellpose-model", default=d["cellpose_model"],
                         help="cellpose: model name in Cellpose's model cache, or a path to weights")
@@ -49,23 +64,23 @@ def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from morphotype.run import PARAM_DEFAULTS as d
-
+    d = PARAM_DEFAULTS
     parser.add_argument("--features", type=Path, required=True, help="single-cell table (Parquet)")
     parser.add_argument("--outdir", type=Path, required=True, help="writes <outdir>/models and <outdir>/evaluation")
     parser.add_argument("--feature-spaces", nargs="+", default=d["feature_spaces"].split(","),
                         help="CP, DP, CP_and_DP, CP_areashape, CP_zernike, SSL, CP_and_SSL (absent ones are skipped)")
-    parser.add_argument("--class-balance", choices=["both", "balanced", "unbalanced"], default=d["class_balance"])
+    parser.add_argument("--class-balance", choices=list(CLASS_BALANCES), default=d["class_balance"])
     parser.add_argument("--no-shuffled", dest="shuffled", action="store_false", help="skip shuffled baselines")
     parser.add_argument("--no-binary", dest="binary", action="store_false", help="skip one-vs-rest models")
     parser.add_argument("--cv-folds", type=int, default=d["cv_folds"])
     parser.add_argument("--grid-c", default=d["grid_c"], help="comma-separated inverse regularisation strengths")
     parser.add_argument("--grid-l1-ratio", default=d["grid_l1_ratio"], help="comma-separated L1 ratios")
-    parser.add_argument("--split", choices=["cell", "image"], default=d["split"],
+    parser.add_argument("--split", choices=SPLIT_METHODS, default=d["split"],
                         help="cell: the study's 85/15 stratified split; image: whole images held out")
     parser.add_argument("--exclude-phenotypes", default=d["exclude_phenotypes"], help="comma-separated")
     parser.add_argument("--no-loio", dest="loio", action="store_false", help="skip leave-one-image-out")
-    parser.add_argument("--loio-feature-spaces", default="", help="comma-separated; LOIO only for these (default: all)")
+    parser.add_argument("--loio-feature-spaces", default=d["loio_feature_spaces"],
+                        help="comma-separated; LOIO only for these (default: all)")
     parser.add_argument("--no-umap", dest="umap", action="store_false", help="skip UMAP embeddings")
     parser.add_argument("--seed", type=int, default=d["random_state"], help="random state")
     parser.add_argument("--no-evaluation", dest="evaluation", action="store_false",
@@ -73,29 +88,15 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def train_settings(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :func:`morphotype.models.train_all` from the train options."""
-    def numbers(text: str) -> list[float]:
-        try:
-            return [float(v) for v in str(text).split(",") if v.strip()]
-        except ValueError as error:
-            raise MorphotypeInputError(f"expected comma-separated numbers, got {text!r}") from error
-
-    balance = {"both": (True, False), "balanced": (True,), "unbalanced": (False,)}[args.class_balance]
-    spaces = [s for item in args.feature_spaces for s in str(item).split(",") if s]
-    return dict(
-        feature_spaces=spaces,
-        balanced=balance,
-        shuffled=(False, True) if args.shuffled else (False,),
-        binary=args.binary,
-        grid={"C": numbers(args.grid_c), "l1_ratio": numbers(args.grid_l1_ratio)},
-        cv_folds=args.cv_folds,
-        split_method=args.split,
-        exclude_phenotypes=[p for p in str(args.exclude_phenotypes).split(",") if p],
-        loio=args.loio,
-        loio_feature_spaces=[s for s in str(args.loio_feature_spaces).split(",") if s] or None,
-        umap=args.umap,
-        random_state=args.seed,
-    )
+    """Keyword arguments of :func:`morphotype.training.train_all` from the train options: the
+    options name pipeline params, which :func:`morphotype.params.training_settings` turns into settings."""
+    return training_settings({
+        "feature_spaces": ",".join(str(item) for item in args.feature_spaces), "class_balance": args.class_balance,
+        "shuffled_baselines": args.shuffled, "binary_models": args.binary, "cv_folds": args.cv_folds,
+        "grid_c": args.grid_c, "grid_l1_ratio": args.grid_l1_ratio, "split": args.split,
+        "exclude_phenotypes": args.exclude_phenotypes, "loio": args.loio,
+        "loio_feature_spaces": args.loio_feature_spaces, "umap": args.umap, "random_state": args.seed,
+    })
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     idr.add_argument("--no-labelled", dest="labelled", action="store_false", help="leave out the labelled frames")
     idr.add_argument("--controls", nargs="*", default=[], choices=["negative", "positive"],
                      help="add one drawn frame (31-62) per control well of these kinds")
-    idr.add_argument("--seed", type=int, default=0, help="seed of the control-frame draw")
+    idr.add_argument("--seed", type=int, default=D["idr_seed"], help="seed of the control-frame draw")
     idr.add_argument("--base-url", default=None, help="IDR file-server base URL (HTTP(S) or FTP mirror)")
     idr.add_argument("--out", type=Path, required=True, help="samplesheet CSV to write")
     check = sheet_commands.add_parser("validate", help="validate a samplesheet", formatter_class=_Formatter,
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--masks", type=Path, required=True, help="folder written by 'morphotype segment'")
     features.add_argument("--out", type=Path, required=True,
                           help="single-cell Parquet table to write; unmatched annotations go to <out>.unmatched.csv")
-    features.add_argument("--tolerance", type=float, default=5.0,
+    features.add_argument("--tolerance", type=float, default=D["annotation_tolerance"],
                           help="max distance in pixels from an annotated centre to its nucleus")
     _add_workers(features)
 
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ic: BaSiC illumination correction on neighbouring frames; no_ic: raw frame")
     stream.add_argument("--scratch", type=Path, default=None, help="scratch folder for whole movies (one batch)")
     stream.add_argument("--fetch-workers", type=int, default=4, help="concurrent transfers")
-    stream.add_argument("--batch-size", type=int, default=4, help="movies per scratch batch")
+    stream.add_argument("--batch-size", type=int, default=D["idr_movies_per_batch"], help="movies per scratch batch")
     stream.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
     stream.add_argument("--retries", type=int, default=6, help="further attempts after the first")
     stream.add_argument("--md5", type=Path, default=None, help="md5sum-style table of expected checksums")
@@ -221,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--outdir", type=Path, required=True)
     score.add_argument("--plate", default=None, help="plate barcode (default: from the file name)")
     score.add_argument("--chunk-size", type=int, default=100_000, help="cells read at a time")
-    score.add_argument("--min-cells", type=int, default=50, help="wells with at most this many cells are skipped")
-    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--min-cells", type=int, default=D["jump_min_cells"],
+                       help="wells with at most this many cells are skipped")
+    score.add_argument("--seed", type=int, default=D["random_state"])
     score.add_argument("--cache-dir", type=Path, default=None, help="where remote plates are downloaded")
     score.add_argument("--keep-cells", action="store_true", help="also write per-cell probabilities")
     summarise = jump_commands.add_parser(
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summarise.add_argument("plate_outputs", type=Path, nargs="+", help="<plate>.summary.json files from 'jump score'")
     summarise.add_argument("--outdir", type=Path, required=True)
-    summarise.add_argument("--top-n", type=int, default=10)
+    summarise.add_argument("--top-n", type=int, default=D["jump_top_n"])
     summarise.add_argument("--treatment-key", default="Metadata_broad_sample")
     summarise.add_argument("--alpha", type=float, default=0.05, help="q-value threshold")
     summarise.add_argument("--min-shift", type=float, default=0.1,
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--samplesheet", type=Path, help="images to segment, measure and predict")
     source.add_argument("--features", type=Path, help="a single-cell table that already has the features")
     predict.add_argument("--out", type=Path, required=True, help="predictions Parquet to write")
-    predict.add_argument("--tolerance", type=float, default=5.0,
+    predict.add_argument("--tolerance", type=float, default=D["annotation_tolerance"],
                          help="max distance in pixels from an annotated centre to its nucleus")
     _add_segmentation_options(predict)
     _add_workers(predict)
@@ -299,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--models", type=Path, nargs="+", required=True, help="models folders, in feature-space order")
     evaluate.add_argument("--loio", type=Path, nargs="*", default=None, help="LOIO prediction files of every chunk")
     evaluate.add_argument("--no-loio", dest="run_loio", action="store_false", help="no LOIO tables")
-    evaluate.add_argument("--loio-feature-spaces", default="", help="comma-separated; LOIO only for these (default: all)")
+    evaluate.add_argument("--loio-feature-spaces", default=D["loio_feature_spaces"],
+                          help="comma-separated; LOIO only for these (default: all)")
     evaluate.add_argument("--no-umap", dest="umap", action="store_false", help="skip UMAP embeddings")
-    evaluate.add_argument("--seed", type=int, default=0, help="random state (UMAP, silhouette)")
+    evaluate.add_argument("--seed", type=int, default=D["random_state"], help="random state (UMAP, silhouette)")
     evaluate.add_argument("--outdir", type=Path, required=True, help="writes <outdir>/models and <outdir>/evaluation")
     _add_workers(evaluate)
 
@@ -323,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     deep.add_argument("--images", type=Path, default=None,
                       help="read each image by file name from this folder instead of Metadata_Image's path "
                       "(staged task folders, object-store work directories)")
-    deep.add_argument("--box-size", type=int, default=128, help="EfficientNet: box around each nucleus in pixels")
+    deep.add_argument("--box-size", type=int, default=D["deep_box_size"], help="EfficientNet: box around each nucleus in pixels")
     deep.add_argument("--pad-mode", choices=["constant", "edge", "reflect", "symmetric"], default="constant",
                       help="how boxes reaching past the image border are filled")
     deep.add_argument("--batch-size", type=int, default=32, help="boxes per forward pass")
-    deep.add_argument("--seed", type=int, default=0)
+    deep.add_argument("--seed", type=int, default=D["random_state"])
     _add_workers(deep)
 
     encoder = commands.add_parser("encoder", help="the in-domain self-supervised nucleus encoder",
@@ -345,13 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_train.add_argument("--outdir", type=Path, required=True, help="writes encoder.pt and encoder.json")
     encoder_train.add_argument("--images", type=Path, default=None,
                                help="read each image by file name from this folder instead of Metadata_Image's path")
-    encoder_train.add_argument("--split", choices=["cell", "image"], default="cell",
+    encoder_train.add_argument("--split", choices=SPLIT_METHODS, default=D["split"],
                                help="the models' split: held-out cells and images are never seen")
-    encoder_train.add_argument("--exclude-phenotypes", default="Folded", help="comma-separated, as for train")
+    encoder_train.add_argument("--exclude-phenotypes", default=D["exclude_phenotypes"],
+                               help="comma-separated, as for train")
     encoder_train.add_argument("--crop-size", type=int, default=64)
-    encoder_train.add_argument("--epochs", type=int, default=30)
+    encoder_train.add_argument("--epochs", type=int, default=D["encoder_epochs"])
     encoder_train.add_argument("--batch-size", type=int, default=128)
-    encoder_train.add_argument("--seed", type=int, default=0)
+    encoder_train.add_argument("--seed", type=int, default=D["random_state"])
     _add_workers(encoder_train)
 
     report = commands.add_parser(
@@ -408,8 +412,6 @@ def _parse_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _segmentation_options(args):
-    from morphotype.run import segmentation_options
-
     return segmentation_options({
         "segmentation_backend": args.backend, "cellpose_model": args.cellpose_model,
         "cellpose_diameter": args.diameter, "cellpose_flow_threshold": args.flow_threshold,
@@ -420,20 +422,12 @@ def _segmentation_options(args):
 
 
 def _command_segment(args) -> str:
-    from morphotype.pipeline import segment_samplesheet
-    from morphotype.samplesheet import read_samplesheet
-
     summary = segment_samplesheet(read_samplesheet(args.samplesheet), args.outdir, _segmentation_options(args),
                                   workers=args.workers)
     return f"{len(summary)} masks ({summary['objects'].sum()} nuclei) in {args.outdir}"
 
 
 def _command_features(args) -> str:
-    from morphotype.pipeline import measure_samplesheet
-    from morphotype.samplesheet import read_samplesheet
-
-    from morphotype.pipeline import write_features
-
     cells, unmatched = measure_samplesheet(
         read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers
     )
@@ -442,9 +436,6 @@ def _command_features(args) -> str:
 
 
 def _command_stream(args) -> str:
-    from morphotype import idr
-    from morphotype.samplesheet import read_samplesheet, write_samplesheet
-
     options = idr.FetchOptions(timeout=args.timeout, retries=args.retries, workers=args.fetch_workers,
                                batch_size=args.batch_size)
     sheet = read_samplesheet(args.samplesheet, check_files=False)
@@ -463,9 +454,6 @@ def _command_stream(args) -> str:
 
 
 def _command_normalize(args) -> str:
-    from morphotype import normalize
-    from morphotype.io import read_table, write_table
-
     cells = read_table(args.features)
     if args.scaler is not None:
         scaler = normalize.read_scaler(args.scaler)
@@ -479,8 +467,6 @@ def _command_normalize(args) -> str:
 
 
 def _command_jump(args) -> str:
-    from morphotype import jump
-
     if args.jump_command == "score":
         result = jump.score_plate(
             args.sqlite, args.model, args.shuffled_model, args.outdir, plate=args.plate,
@@ -494,36 +480,25 @@ def _command_jump(args) -> str:
 
 
 def _command_train(args) -> str:
-    from morphotype.io import read_table
-    from morphotype.models import train_all, train_models, write_models, write_results
-
     settings = train_settings(args)
     table = read_table(args.features)
     if not args.evaluation:
         for name in ("loio", "loio_feature_spaces", "umap"):
             settings.pop(name)
-        results = train_models(table, n_jobs=args.workers or 2, **settings)
+        results = train_models(table, n_jobs=args.workers or default_workers(), **settings)
         write_models(results, args.outdir / "models")
         return f"{len(results.models)} models in {args.outdir / 'models'}"
-    results = train_all(table, n_jobs=args.workers or 2, **settings)
+    results = train_all(table, n_jobs=args.workers or default_workers(), **settings)
     write_results(results, args.outdir)
     skipped = "; skipped: " + ", ".join(results.skipped_feature_spaces) if results.skipped_feature_spaces else ""
     return f"{len(results.models)} models in {args.outdir / 'models'}, evaluation in {args.outdir / 'evaluation'}{skipped}"
 
 
 def _command_predict(args) -> str:
-    import tempfile
-
-    from morphotype.io import read_table, write_table
-    from morphotype.models import load_model, predict_table
-
     model = load_model(args.model)
     if args.features is not None:
         cells = read_table(args.features)
     else:
-        from morphotype.pipeline import SegmentationOptions, measure_samplesheet, segment_samplesheet
-        from morphotype.samplesheet import read_samplesheet
-
         sheet = read_samplesheet(args.samplesheet)
         with tempfile.TemporaryDirectory(prefix="morphotype-masks-") as masks:
             segment_samplesheet(sheet, masks, _segmentation_options(args), workers=args.workers)
@@ -534,12 +509,6 @@ def _command_predict(args) -> str:
 
 
 def _command_loio(args) -> str:
-    import pandas as pd
-
-    from morphotype.evaluate import data_as_trained, leave_one_image_out, loio_image_chunk
-    from morphotype.io import read_table, write_table
-    from morphotype.models import load_models
-
     table = read_table(args.features)
     trained = load_models(args.models)
     frames, images = [], 0
@@ -549,7 +518,8 @@ def _command_loio(args) -> str:
         chunk = loio_image_chunk(data, args.chunk, args.chunks)
         images = max(images, len(chunk))
         for model in space_models:
-            frames.append(leave_one_image_out(model, data, images=chunk, n_jobs=args.workers or 2))
+            frames.append(leave_one_image_out(model, data, images=chunk,
+                                              n_jobs=args.workers or default_workers()))
     frames = [f for f in frames if len(f)]
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"model_id": []})
     write_table(predictions, args.out)
@@ -557,12 +527,6 @@ def _command_loio(args) -> str:
 
 
 def _command_evaluate(args) -> str:
-    import pandas as pd
-
-    from morphotype.evaluate import evaluate_models, write_evaluation
-    from morphotype.io import read_table
-    from morphotype.models import combine_results, load_models, write_models
-
     table = read_table(args.features)
     results = combine_results([load_models(folder) for folder in args.models])
     collected = None
@@ -571,8 +535,8 @@ def _command_evaluate(args) -> str:
         collected = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame({"model_id": []})
     loio_spaces = [s for s in args.loio_feature_spaces.split(",") if s] or None
     results.tables = evaluate_models(results, table, loio=args.run_loio, loio_feature_spaces=loio_spaces,
-                                     umap=args.umap, n_jobs=args.workers or 2, random_state=args.seed,
-                                     loio_predictions=collected)
+                                     umap=args.umap, n_jobs=args.workers or default_workers(),
+                                     random_state=args.seed, loio_predictions=collected)
     results.settings.update({"loio": args.run_loio, "loio_feature_spaces": loio_spaces, "umap": args.umap,
                              "silhouette": True})
     write_models(results, args.outdir / "models")
@@ -584,7 +548,7 @@ def _images_in(table, folder: Path | None, source: Path):
     """The table with ``Metadata_Image`` pointing into ``folder`` by file name (None: unchanged)."""
     if folder is None:
         return table
-    column = "Metadata_Image"
+    column = IMAGE
     if column not in table.columns:
         raise MorphotypeInputError(f"{source}: no {column} column to locate the images by")
     located = table[column].map(lambda path: str(folder / Path(str(path)).name))
@@ -599,7 +563,6 @@ def _command_deep_features(args) -> str:
     import torch
 
     from morphotype import deep
-    from morphotype.io import read_table, write_table
 
     if args.workers:
         torch.set_num_threads(args.workers)
@@ -621,7 +584,6 @@ def _command_encoder(args) -> str:
     import torch
 
     from morphotype import deep
-    from morphotype.io import read_table
 
     if args.workers:
         torch.set_num_threads(args.workers)
@@ -637,25 +599,17 @@ def _command_encoder(args) -> str:
 
 
 def _command_report(args) -> str:
-    from morphotype.report import write_report
-
     path = write_report(args.outdir, report_dir=args.report_dir)
     return f"report in {path}"
 
 
 def _command_merge(args) -> str:
-    from morphotype.io import merge_tables
-
     merged = merge_tables(args.tables, args.out)
     return f"{len(merged)} rows from {len(args.tables)} tables in {args.out}"
 
 
 def _command_samplesheet(args) -> str:
-    from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
-
     if args.samplesheet_command == "idr":
-        from morphotype import idr
-
         extra = {"base_url": args.base_url} if args.base_url else {}
         sheet = idr.idr_samplesheet(args.plates, labelled=args.labelled, controls=args.controls, seed=args.seed,
                                     **extra)
@@ -671,8 +625,6 @@ def _command_samplesheet(args) -> str:
 
 
 def _command_run(args, extra: list[str]) -> str:
-    from morphotype.run import load_params, run
-
     overrides = _parse_overrides(extra)
     if args.outdir is not None:
         overrides["outdir"] = args.outdir

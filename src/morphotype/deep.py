@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morphotype.io import MorphotypeInputError, atomic_path
+from morphotype.columns import CELL_ID, CENTRE_X, CENTRE_Y, IMAGE, IMAGE_ID
+from morphotype.io import MorphotypeInputError, atomic_path, read_image
+from morphotype.models import prepare_data, split_cells
+from morphotype.versions import software_versions
 
 log = logging.getLogger(__name__)
 
 DP_PREFIX = "DP__efficientnet_"
 SSL_PREFIX = "SSL__"
-CELL_ID = "Metadata_CellID"
-IMAGE_PATH = "Metadata_Image"
-CENTRE_X = "Nuclei_Location_Center_X"
-CENTRE_Y = "Nuclei_Location_Center_Y"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STDDEV = (0.229, 0.224, 0.225)
 EFFICIENTNET_FEATURES = 1280
@@ -340,7 +338,7 @@ def load_efficientnet(weights: str | os.PathLike | None, *, random_state: int = 
 # --------------------------------------------------------------------------------------------
 
 def _check_cell_table(table: pd.DataFrame) -> None:
-    missing = [c for c in (CELL_ID, IMAGE_PATH, CENTRE_X, CENTRE_Y) if c not in table.columns]
+    missing = [c for c in (CELL_ID, IMAGE, CENTRE_X, CENTRE_Y) if c not in table.columns]
     if missing:
         raise MorphotypeInputError(f"single-cell table lacks columns {missing}")
     if table[CELL_ID].duplicated().any():
@@ -351,22 +349,6 @@ def _check_cell_table(table: pd.DataFrame) -> None:
                                    f"has no finite nucleus centre")
 
 
-def read_grey(path: str | os.PathLike) -> np.ndarray:
-    """Read one grey image; RGB(A) files whose colour channels are equal are accepted."""
-    from skimage.io import imread
-
-    try:
-        image = imread(str(path))
-    except Exception as error:  # noqa: BLE001 -- re-raised with the file named
-        raise MorphotypeInputError(f"cannot read image {path}: {error}") from error
-    if image.ndim == 3 and image.shape[-1] in (3, 4) and np.array_equal(image[..., 0], image[..., 1]) \
-            and np.array_equal(image[..., 0], image[..., 2]):
-        image = image[..., 0]
-    if image.ndim != 2:
-        raise MorphotypeInputError(f"{path}: expected a single grey channel, got shape {image.shape}")
-    return image
-
-
 def table_boxes(table: pd.DataFrame, box_size: int, *, pad_mode: str = "constant",
                 progress: bool = True) -> np.ndarray:
     """Boxes for every row of the single-cell table, in row order (one image read per file)."""
@@ -375,8 +357,8 @@ def table_boxes(table: pd.DataFrame, box_size: int, *, pad_mode: str = "constant
     _check_cell_table(table)
     boxes: np.ndarray | None = None
     positions = pd.Series(np.arange(len(table)), index=table.index)
-    for path, rows in tqdm(table.groupby(IMAGE_PATH, sort=False), desc="boxes", disable=not progress):
-        image = read_grey(path)
+    for path, rows in tqdm(table.groupby(IMAGE, sort=False), desc="boxes", disable=not progress):
+        image = read_image(path)
         cut = extract_boxes(image, rows[[CENTRE_X, CENTRE_Y]].to_numpy(dtype=float), box_size, pad_mode=pad_mode)
         if boxes is None:
             boxes = np.zeros((len(table), box_size, box_size), dtype=image.dtype)
@@ -533,10 +515,6 @@ class Encoder:
         return int(self.card["architecture"]["dim"])
 
 
-def _versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-
-
 def train_encoder(
     crops: np.ndarray,
     *,
@@ -594,7 +572,8 @@ def train_encoder(
         "learning_rate": learning_rate, "augmentations": "rot90, flip, shift<=4px, gain/offset, gaussian blur, noise",
         "crop_size": int(crops.shape[1]), "input_scaling": "integer pixels / dtype max",
         "training_crops": int(len(crops)), "training_images": n_source_images, "seed": seed, "epochs": epochs,
-        "loss_curve": losses, "training_seconds": round(time.perf_counter() - started, 1), "versions": _versions(),
+        "loss_curve": losses, "training_seconds": round(time.perf_counter() - started, 1),
+        "versions": software_versions(("torch", "numpy")),
     }
     return Encoder(model, card)
 
@@ -602,8 +581,6 @@ def train_encoder(
 def encoder_held_out_cells(cells: pd.DataFrame, *, split: str, exclude_phenotypes: Sequence[str]) -> set:
     """Cells the encoder must not see: the models' test split (same method and seed) and, for an
     image split, every cell of a held-out image."""
-    from morphotype.models import IMAGE_ID, prepare_data, split_cells
-
     data = prepare_data(cells, "CP", exclude_phenotypes=exclude_phenotypes)
     sides = split_cells(data.metadata, method=split)
     held_out = set(data.metadata[CELL_ID][sides == "test"])
@@ -628,7 +605,7 @@ def train_encoder_on_training_split(
     held_out = encoder_held_out_cells(cells, split=split, exclude_phenotypes=exclude_phenotypes)
     training = cells[~cells[CELL_ID].isin(held_out)].reset_index(drop=True)
     encoder = train_encoder(table_boxes(training, crop_size), epochs=epochs, seed=seed, batch_size=batch_size,
-                            n_source_images=int(training["Metadata_ImageID"].nunique()))
+                            n_source_images=int(training[IMAGE_ID].nunique()))
     encoder.card.update({"held_out_cells": len(held_out), "split": split})
     return encoder
 

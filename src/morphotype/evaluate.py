@@ -14,35 +14,43 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from joblib import delayed
+from sklearn.decomposition import PCA
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    silhouette_score,
+)
+from tqdm.auto import tqdm
 
-from morphotype.io import MorphotypeInputError, write_table
+from morphotype.columns import CELL_ID, IMAGE_ID, PHENOTYPE
+from morphotype.io import MorphotypeInputError, atomic_path, write_table
 from morphotype.models import (
     BINARY_NEGATIVE,
-    CELL_ID,
     DEFAULT_TOL,
-    IMAGE_ID,
-    PHENOTYPE,
     LabelledData,
     PhenotypeModel,
-    _class_weights,
-    _parallel,
-    _seed,
+    TrainingResults,
+    class_weights,
     fit_logistic,
-    fit_scaler,
+    keyed_rng,
+    parallel,
     predict_logits,
+    prepare_data,
     probability_column,
     shuffle_columns,
     softmax_probabilities,
 )
-
-if TYPE_CHECKING:
-    from morphotype.models import TrainingResults
+from morphotype.normalize import fit_zscore
 
 log = logging.getLogger(__name__)
+# umap is imported where it is used: it loads numba and compiles, seconds that other steps need not pay.
 
 SPLITS = ("train", "test")
 
@@ -83,8 +91,6 @@ def f1_table(model: PhenotypeModel, data: LabelledData, split: np.ndarray) -> pd
     Binary models report their positive class and the weighted F1 of the two classes, on all
     cells of each split (the training negatives were down-sampled only for fitting).
     """
-    from sklearn.metrics import f1_score
-
     rows = []
     for name, truth, predicted, _ in predictions_by_split(model, data, split):
         if len(truth) == 0:
@@ -102,8 +108,6 @@ def f1_table(model: PhenotypeModel, data: LabelledData, split: np.ndarray) -> pd
 
 def pr_curves(model: PhenotypeModel, data: LabelledData, split: np.ndarray) -> pd.DataFrame:
     """One-vs-rest precision-recall curve of every class (binary: the positive class), per split."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
     frames = []
     for name, truth, _, probabilities in predictions_by_split(model, data, split):
         classes = [model.positive_class] if model.model_type == "binary" else list(model.classes)
@@ -122,8 +126,6 @@ def pr_curves(model: PhenotypeModel, data: LabelledData, split: np.ndarray) -> p
 
 def confusion_table(model: PhenotypeModel, data: LabelledData, split: np.ndarray) -> pd.DataFrame:
     """Confusion matrix counts per split: every (true, predicted) pair of the model's classes."""
-    from sklearn.metrics import confusion_matrix
-
     rows = []
     for name, truth, predicted, _ in predictions_by_split(model, data, split):
         counts = confusion_matrix(truth, predicted, labels=model.classes)
@@ -151,10 +153,10 @@ def _scaled(data: LabelledData, rows: np.ndarray | None = None) -> np.ndarray:
     Features constant in the reference are left out (they carry nothing to embed).
     """
     X = data.X if rows is None else data.X[rows]
-    scaler = fit_scaler(data.negcon_X, "negative_controls") if data.negcon_X is not None else \
-        fit_scaler(X, "cells")
-    keep = scaler.scale > 0
-    return (X[:, keep] - scaler.mean[keep]) / scaler.scale[keep]
+    zscore = fit_zscore(data.negcon_X, "negative_controls") if data.negcon_X is not None else \
+        fit_zscore(X, "cells")
+    keep = ~zscore.constant
+    return (X[:, keep] - zscore.mean[keep]) / zscore.scale[keep]
 
 
 def silhouette_table(data: LabelledData, *, n_components: int = 50, random_state: int = 0) -> pd.DataFrame:
@@ -163,9 +165,6 @@ def silhouette_table(data: LabelledData, *, n_components: int = 50, random_state
     As the study: z-score, PCA to ``n_components`` (fewer when there are fewer features or
     cells), then ``silhouette_score`` over all cells with the two labels.
     """
-    from sklearn.decomposition import PCA
-    from sklearn.metrics import silhouette_score
-
     X = _scaled(data)
     components = min(n_components, X.shape[1], X.shape[0] - 1)
     pcs = PCA(n_components=components, random_state=random_state).fit_transform(X)
@@ -248,16 +247,15 @@ def _loio_chunk(X, codes, cell_ids, images, chunk, classes, negcon_X, C, l1_rati
     for image in chunk:
         held = images == image
         train = ~held
-        scaler = fit_scaler(negcon_X, "negative_controls") if negcon_X is not None else \
-            fit_scaler(X[train], "training_set")
-        scale = np.where(scaler.scale > 0, scaler.scale, 1.0)  # constant in the reference: centre only
-        X_train = (X[train] - scaler.mean) / scale
+        scaler = fit_zscore(negcon_X, "negative_controls") if negcon_X is not None else \
+            fit_zscore(X[train], "training_set")  # constant in the reference: centred only
+        X_train = scaler.transform(X[train])
         if shuffled:
-            X_train = shuffle_columns(X_train, _seed(random_state, seed_key, "loio", str(image)))
+            X_train = shuffle_columns(X_train, keyed_rng(random_state, seed_key, "loio", str(image)))
         fit = fit_logistic(X_train, codes[train], n_classes=len(classes), C=C, l1_ratio=l1_ratio,
-                           sample_weight=_class_weights(codes[train], class_weight), tol=tol,
+                           sample_weight=class_weights(codes[train], class_weight), tol=tol,
                            coef_init=coef_init, intercept_init=intercept_init)
-        probabilities = softmax_probabilities(predict_logits(fit.coef, fit.intercept, (X[held] - scaler.mean) / scale))
+        probabilities = softmax_probabilities(predict_logits(fit.coef, fit.intercept, scaler.transform(X[held])))
         frame = pd.DataFrame(probabilities, columns=[probability_column(c) for c in classes])
         frame.insert(0, CELL_ID, cell_ids[held])  # ids travel with the very rows that were predicted
         frame["n_iter"] = fit.n_iter
@@ -286,9 +284,6 @@ def leave_one_image_out(
     start). Returns one row per cell keyed by ``Metadata_CellID``: true phenotype, predicted
     phenotype, rank of the true class and the class probabilities.
     """
-    from joblib import delayed
-    from tqdm.auto import tqdm
-
     if model.model_type != "multiclass":
         raise MorphotypeInputError(f"LOIO is defined for multiclass models, not {model.model_id}")
     random_state = model.random_state if random_state is None else random_state
@@ -302,14 +297,13 @@ def leave_one_image_out(
     subset, images = images, data.metadata[IMAGE_ID].to_numpy(dtype=object)
     cell_ids = data.cell_ids
     # Warm start: the same model on all images.
-    scaler = fit_scaler(data.negcon_X[:, [data.features.index(f) for f in model.features]], "negative_controls") \
-        if data.negcon_X is not None else fit_scaler(X, "training_set")
-    scale = np.where(scaler.scale > 0, scaler.scale, 1.0)
-    X_all = (X - scaler.mean) / scale
+    scaler = fit_zscore(data.negcon_X[:, [data.features.index(f) for f in model.features]], "negative_controls") \
+        if data.negcon_X is not None else fit_zscore(X, "training_set")
+    X_all = scaler.transform(X)
     if model.shuffled:
-        X_all = shuffle_columns(X_all, _seed(random_state, model.model_id, "loio", "all"))
+        X_all = shuffle_columns(X_all, keyed_rng(random_state, model.model_id, "loio", "all"))
     start = fit_logistic(X_all, codes, n_classes=len(classes), C=model.C, l1_ratio=model.l1_ratio,
-                         sample_weight=_class_weights(codes, model.class_weight), tol=tol)
+                         sample_weight=class_weights(codes, model.class_weight), tol=tol)
     negcon = None if data.negcon_X is None else data.negcon_X[:, [data.features.index(f) for f in model.features]]
     unique_images = list(pd.unique(images))
     if subset is not None:
@@ -326,7 +320,7 @@ def leave_one_image_out(
                                  model.class_weight, model.shuffled, model.model_id, random_state, start.coef,
                                  start.intercept, tol) for chunk in chunks)
     frames = []
-    for result in tqdm(_parallel(n_jobs)(jobs), total=len(chunks), desc=f"LOIO {model.model_id}",
+    for result in tqdm(parallel(n_jobs)(jobs), total=len(chunks), desc=f"LOIO {model.model_id}",
                        disable=not progress, leave=False):
         frames.extend(result)
     predictions = pd.concat(frames, ignore_index=True)
@@ -405,15 +399,13 @@ def split_for(data: LabelledData, splits: pd.DataFrame) -> np.ndarray:
 def data_as_trained(table: pd.DataFrame, model: PhenotypeModel) -> LabelledData:
     """The cells of ``table`` prepared as ``model`` was trained on (excluded phenotypes and the
     positional-feature choice are read from its card)."""
-    from morphotype.models import prepare_data
-
     training = model.training
     return prepare_data(table, model.feature_space, exclude_phenotypes=training.get("exclude_phenotypes", ["Folded"]),
                         drop_positional=training.get("drop_positional", False))
 
 
 def evaluate_models(
-    results: "TrainingResults",
+    results: TrainingResults,
     table: pd.DataFrame,
     *,
     loio: bool = True,
@@ -481,7 +473,7 @@ EVALUATION_FILES = {
 }
 
 
-def headline(results: "TrainingResults") -> pd.DataFrame:
+def headline(results: TrainingResults) -> pd.DataFrame:
     """One row per model: hyper-parameters, CV F1, train/test weighted F1, LOIO pass fraction."""
     f1 = results.tables.get("f1_scores", pd.DataFrame())
     rows = []
@@ -504,7 +496,7 @@ def headline(results: "TrainingResults") -> pd.DataFrame:
     return table
 
 
-def write_evaluation(results: "TrainingResults", evaluation_dir: str | os.PathLike) -> dict[str, Path]:
+def write_evaluation(results: TrainingResults, evaluation_dir: str | os.PathLike) -> dict[str, Path]:
     """Write the evaluation tables into ``evaluation_dir`` (atomically, one file per table).
 
     Files: f1_scores.csv, loio_summary.csv, loio_predictions.parquet, pr_curves.csv,
@@ -513,8 +505,6 @@ def write_evaluation(results: "TrainingResults", evaluation_dir: str | os.PathLi
     LOIO pass fractions). A table that was switched off is written empty, so the set of files
     is always the same.
     """
-    from morphotype.io import atomic_path
-
     evaluation_dir = Path(evaluation_dir)
     evaluation_dir.mkdir(parents=True, exist_ok=True)
     tables = dict(results.tables)

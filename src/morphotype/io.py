@@ -8,8 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import imageio.v3 as iio
 import numpy as np
 import pandas as pd
+import tifffile
+
+from morphotype.columns import CELL_ID
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -75,11 +79,14 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise MorphotypeInputError(f"{path}: cannot be read as a table ({error})") from error
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a single-channel 2-D image (PNG, TIFF, ...) as a numpy array."""
-    import imageio.v3 as iio
-    import tifffile
+def read_image(path: str | os.PathLike, channel: int | None = None) -> np.ndarray:
+    """Read one 2-D image (PNG, TIFF, ...) as a numpy array: the one image reader of the package.
 
+    The channel rule: a single-channel image is returned as it is. A multi-channel image (RGB or
+    RGBA, channels last) needs ``channel`` (0-based) to say which channel holds the nuclei, unless
+    its colour channels are equal (a grey image saved as RGB), which is read as that grey image.
+    Any other shape is an error naming the file.
+    """
     path = Path(path)
     if not path.exists():
         raise MorphotypeInputError(f"{path}: image file does not exist")
@@ -88,11 +95,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             image = tifffile.imread(path)
         else:
             image = iio.imread(path)
-    except Exception as error:
+    except Exception as error:  # imageio and tifffile raise many types; name the file either way
         raise MorphotypeInputError(f"{path}: cannot be read as an image ({error})") from error
     image = np.squeeze(image)
-    if image.ndim == 3 and image.shape[-1] in (3, 4):  # RGB(A) saved grey: keep one channel
-        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        if channel is not None:
+            if not 0 <= channel < image.shape[-1]:
+                raise MorphotypeInputError(f"{path}: channel {channel} asked for, the image has {image.shape[-1]}")
+            image = image[..., channel]
+        elif np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]):
+            image = image[..., 0]  # grey saved as RGB(A)
+        else:
+            raise MorphotypeInputError(f"{path}: an RGB image whose channels differ; name the channel that holds "
+                                       "the nuclei")
+    elif channel not in (None, 0):
+        raise MorphotypeInputError(f"{path}: channel {channel} asked for, the image has one channel")
     if image.ndim != 2:
         raise MorphotypeInputError(f"{path}: expected a 2-D single-channel image, got shape {image.shape}")
     return image
@@ -100,8 +117,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def write_mask(labels: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an integer label image as a compressed TIFF, atomically."""
-    import tifffile
-
     path = Path(path)
     dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
     with atomic_path(path) as tmp:
@@ -111,8 +126,6 @@ def write_mask(labels: np.ndarray, path: str | os.PathLike) -> Path:
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a label image written by :func:`write_mask`."""
-    import tifffile
-
     path = Path(path)
     if not path.exists():
         raise MorphotypeInputError(f"{path}: mask file does not exist")
@@ -138,9 +151,9 @@ def merge_tables(paths: list[str | os.PathLike], out: str | os.PathLike) -> pd.D
         tables.append(table)
     non_empty = [t for t in tables if len(t)] or tables[:1]
     merged = pd.concat(non_empty, ignore_index=True)
-    if "Metadata_CellID" in merged.columns:
-        duplicated = merged["Metadata_CellID"][merged["Metadata_CellID"].duplicated()]
+    if CELL_ID in merged.columns:
+        duplicated = merged[CELL_ID][merged[CELL_ID].duplicated()]
         if len(duplicated):
-            raise MorphotypeInputError(f"duplicated Metadata_CellID across inputs, e.g. {duplicated.iloc[0]!r}")
+            raise MorphotypeInputError(f"duplicated {CELL_ID} across inputs, e.g. {duplicated.iloc[0]!r}")
     write_table(merged, out)
     return merged

@@ -31,10 +31,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, ks_2samp
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
+from morphotype.columns import CELL_ID, IMAGE_ID, OBJECT_NUMBER, PHENOTYPE
 from morphotype.io import MorphotypeInputError, asset_path, atomic_path, read_table, write_table
+from morphotype.models import PhenotypeModel, load_model, predict_logits, softmax_probabilities
+from morphotype.normalize import fit_zscore
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +256,6 @@ def _load_model(model: Any, role: str) -> Any:
     ``role`` is ``"final"`` or ``"shuffled"``; a shuffled baseline passed as the final model (or
     the reverse) is refused.
     """
-    from morphotype.models import PhenotypeModel, load_model
-
     source = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "model_id", repr(model))
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
@@ -274,8 +274,6 @@ def _predict(model: Any, z: np.ndarray) -> np.ndarray:
     The model's own scaler (fitted on the training screen's controls) is deliberately not applied:
     as in the study, each JUMP plate is standardised against its own negative-control cells.
     """
-    from morphotype.models import predict_logits, softmax_probabilities
-
     return softmax_probabilities(predict_logits(model.coef, model.intercept, z))
 
 
@@ -594,13 +592,13 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
             if len(negcon_rows) == 0:
                 raise MorphotypeInputError(f"{path}: no cells in the negative-control wells of {plate}")
 
-            # z-score against the plate's negcon cells (pycytominer normalize(method="standardize"))
+            # z-score against the plate's negcon cells (as pycytominer normalize(method="standardize"))
             negcon_values = np.concatenate([b for _, b in spilled_blocks(is_negcon_well[keys[:, 0]])])
             negcon_values = negcon_values[np.argsort(np.argsort(negcon_rows))]  # read -> canonical order
             empty = [f for f, all_nan in zip(present, np.isnan(negcon_values).all(axis=0)) if all_nan]
             if empty:
                 log.warning("%s: feature(s) %s have no value in negcon cells; set to 0", plate, empty)
-            scaler = StandardScaler().fit(negcon_values) if width else None
+            scaler = fit_zscore(negcon_values, "negative_controls") if width else None
             del negcon_values
 
             classes = {name: list(m.classes) for name, m in models.items()}
@@ -706,7 +704,7 @@ def _analyse_wells(plate: str, plate_row: dict, plate_wells: pd.DataFrame, well_
             result = ks_2samp(control_p, treated_p, axis=0)
             shift = np.median(treated_p, axis=0) - np.median(control_p, axis=0)
             for k, phenotype in enumerate(classes[model]):
-                ks_rows.append({**metadata_of[w], "Metadata_Model": model, "Metadata_Phenotype": phenotype,
+                ks_rows.append({**metadata_of[w], "Metadata_Model": model, PHENOTYPE: phenotype,
                                 "n_treated": int(len(rows)), "n_control": int(len(control_rows)),
                                 "n_treated_compared": int(len(pick_treated)),
                                 "n_control_compared": int(len(pick_control)),
@@ -718,7 +716,7 @@ def _analyse_wells(plate: str, plate_row: dict, plate_wells: pd.DataFrame, well_
             medians = np.median(probabilities[rows].astype(np.float64), axis=0)
             profile_rows.append({**metadata_of[w], "Metadata_Model": model, "Metadata_CellCount": int(counts[w]),
                                  **dict(zip(classes[model], medians.tolist()))})
-    ks_columns = [*CONDITION_COLUMNS, *TREATMENT_COLUMNS, "Metadata_Model", "Metadata_Phenotype", "n_treated",
+    ks_columns = [*CONDITION_COLUMNS, *TREATMENT_COLUMNS, "Metadata_Model", PHENOTYPE, "n_treated",
                   "n_control", "n_treated_compared", "n_control_compared", "ks_d", "ks_p", "median_shift"]
     return {"ks": pd.DataFrame(ks_rows, columns=ks_columns), "profiles": pd.DataFrame(profile_rows),
             "skipped": skipped,
@@ -744,8 +742,8 @@ def _write_plate_outputs(outdir: Path, plate: str, results: dict, keep_cells: bo
         for model, probabilities in cells.items():
             frame = pd.DataFrame({"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site,
                                   "Metadata_TableNumber": table_number, "Metadata_ImageNumber": keys[:, 2],
-                                  "Metadata_ObjectNumber": keys[:, 3], "Metadata_ImageID": image_id,
-                                  "Metadata_CellID": cell_id, "Metadata_Model": model})
+                                  OBJECT_NUMBER: keys[:, 3], IMAGE_ID: image_id,
+                                  CELL_ID: cell_id, "Metadata_Model": model})
             frames.append(pd.concat([frame, pd.DataFrame(probabilities, columns=classes[model])], axis=1))
         outputs["cells"] = write_table(pd.concat(frames, ignore_index=True), outdir / f"{plate}.cells.parquet").name
     return outputs
@@ -819,7 +817,7 @@ def summarise(plate_outputs: Sequence[str | os.PathLike], outdir: str | os.PathL
 
     ks = pd.concat([table(s, "ks", f) for s, f in zip(summaries, files)], ignore_index=True)
     profiles = pd.concat([table(s, "profiles", f) for s, f in zip(summaries, files)], ignore_index=True)
-    if ks.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Model", "Metadata_Phenotype"]).any():
+    if ks.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Model", PHENOTYPE]).any():
         raise MorphotypeInputError("per-well KS tables repeat a (plate, well, model, phenotype)")
 
     ks["q"] = np.nan
@@ -827,7 +825,7 @@ def summarise(plate_outputs: Sequence[str | os.PathLike], outdir: str | os.PathL
         ks.loc[rows, "q"] = false_discovery_control(ks.loc[rows, "ks_p"].to_numpy())
 
     group = ["Metadata_Model", "Metadata_Perturbation", "Metadata_CellType", "Metadata_Time",
-             treatment_key, "Metadata_Phenotype"]
+             treatment_key, PHENOTYPE]
     descriptive = [c for c in ["Metadata_broad_sample", "Metadata_Treatment", "Metadata_pert_type",
                                "Metadata_control_type"] if c != treatment_key]
     enrichment = (ks.groupby(group, dropna=False, sort=True)
@@ -843,9 +841,9 @@ def summarise(plate_outputs: Sequence[str | os.PathLike], outdir: str | os.PathL
     enrichment["enriched"] = (enrichment["q"] < alpha) & (enrichment["median_shift"] >= min_shift)
     ranked = enrichment[enrichment["enriched"]].sort_values(
         ["median_ks_d", "combined_p", treatment_key], ascending=[False, True, True])
-    rank = ranked.groupby(group[:4] + ["Metadata_Phenotype"], dropna=False).cumcount() + 1
+    rank = ranked.groupby(group[:4] + [PHENOTYPE], dropna=False).cumcount() + 1
     enrichment["rank"] = rank.reindex(enrichment.index).astype("Int64")
-    top = enrichment[enrichment["rank"] <= top_n].sort_values(group[:4] + ["Metadata_Phenotype", "rank"])
+    top = enrichment[enrichment["rank"] <= top_n].sort_values(group[:4] + [PHENOTYPE, "rank"])
 
     outdir = Path(outdir)
     outputs = {"ks_wells": str(write_table(ks, outdir / "ks_wells.parquet")),

@@ -39,15 +39,19 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
+from scipy.special import log_softmax, softmax
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from tqdm.auto import tqdm
 
-from morphotype.io import MorphotypeInputError, atomic_path
+from morphotype.columns import CELL_ID, IMAGE_ID, METADATA_PREFIX, NEGCON, PHENOTYPE
+from morphotype.io import MorphotypeInputError, atomic_path, read_table, write_table
+from morphotype.normalize import ZScore, fit_zscore
+from morphotype.versions import software_versions
 
 log = logging.getLogger(__name__)
-
-PHENOTYPE = "Metadata_Phenotype"
-CELL_ID = "Metadata_CellID"
-IMAGE_ID = "Metadata_ImageID"
-NEGCON = "Metadata_Negcon"
+# fit_logistic imports scipy.optimize where it solves (left as the solver was written).
 EXCLUDED_PHENOTYPES = ("Folded",)
 BINARY_NEGATIVE = "Other"
 
@@ -62,6 +66,9 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
 # hyper-parameters: scikit-learn's default 1e-4 (2.5x cheaper; 99.7 % identical predictions).
 DEFAULT_TOL = 1e-6
 DEFAULT_CV_TOL = 1e-4
+
+# The packages a model's numbers depend on (recorded in its card).
+MODEL_PACKAGES = ("numpy", "scipy", "scikit-learn", "pandas")
 
 # CellProfiler columns that describe the object, not its morphology (never model features).
 _CP_NON_FEATURES = ("Nuclei_Location_", "Nuclei_Number_", "Nuclei_Parent_", "Nuclei_Children_")
@@ -207,7 +214,7 @@ def prepare_data(
     if dropped_cells:
         log.warning("%s: dropped %d cell(s) with non-finite features, e.g. %s", feature_space,
                     len(dropped_cells), dropped_cells[:5])
-    metadata_columns = [c for c in table.columns if c.startswith("Metadata_")]
+    metadata_columns = [c for c in table.columns if c.startswith(METADATA_PREFIX)]
     metadata = labelled.loc[good_rows, metadata_columns].reset_index(drop=True)
     negcon_X = None
     if NEGCON in table.columns and table[NEGCON].fillna(False).astype(bool).any():
@@ -218,26 +225,6 @@ def prepare_data(
             raise MorphotypeInputError(
                 f"{NEGCON} marks {len(negcon)} cell(s) but fewer than 2 have finite {feature_space} features")
     return LabelledData(feature_space, kept, values[good_rows], metadata, dropped, dropped_cells, negcon_X)
-
-
-@dataclass
-class Scaler:
-    """Per-feature z-score: ``(x - mean) / scale`` (population standard deviation)."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    reference: str  # "negative_controls" or "training_set"
-    n_reference: int
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean) / self.scale
-
-
-def fit_scaler(X_reference: np.ndarray, reference: str) -> Scaler:
-    """Fit the z-score on the reference cells (negative controls, else the training set)."""
-    mean = X_reference.mean(axis=0)
-    scale = X_reference.std(axis=0)
-    return Scaler(mean, scale, reference, int(len(X_reference)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +245,6 @@ def split_cells(
     cells). ``method="image"``: whole images go to one side (``StratifiedGroupKFold`` grouped by
     ``Metadata_ImageID``, ``round(1 / test_size)`` folds, the first fold is the test set).
     """
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
     labels = metadata[PHENOTYPE].to_numpy(dtype=object)
     counts = pd.Series(labels).value_counts()
     if (counts < 2).any():
@@ -692,8 +677,6 @@ def fit_logistic(
 def sklearn_objective(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, y: np.ndarray, *,
                       C: float, l1_ratio: float, sample_weight: np.ndarray | None = None) -> float:
     """scikit-learn's LogisticRegression objective of a multinomial (K, p) or binary (1, p) model."""
-    from scipy.special import log_softmax
-
     sample_weight = np.ones(len(y)) if sample_weight is None else sample_weight
     logits = X @ coef.T + intercept
     if coef.shape[0] == 1:
@@ -711,8 +694,6 @@ def predict_logits(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray) -> np
 
 
 def softmax_probabilities(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
     return softmax(logits, axis=1)
 
 
@@ -730,7 +711,8 @@ class GridSearchResult:
     score: float
 
 
-def _class_weights(y: np.ndarray, class_weight: str | None) -> np.ndarray:
+def class_weights(y: np.ndarray, class_weight: str | None) -> np.ndarray:
+    """Sample weights of ``class_weight`` ("balanced" or None: all 1) for the labels ``y``."""
     if class_weight == "balanced":
         return balanced_sample_weight(y)
     if class_weight is None:
@@ -745,10 +727,8 @@ def _fold_path(X, y, train, validate, n_classes, Cs, l1_ratios, class_weight, bi
     the previous l1_ratio, the first l1_ratio from the previous C (3x fewer iterations than C
     paths alone). Each fit is converged, so the start changes the cost, not the result.
     """
-    from sklearn.metrics import f1_score
-
     Xt, yt = X[train], y[train]
-    weights = _class_weights(yt, class_weight)
+    weights = class_weights(yt, class_weight)
     rows = []
     previous_C_start = None
     for C in sorted(Cs):
@@ -768,9 +748,8 @@ def _fold_path(X, y, train, validate, n_classes, Cs, l1_ratios, class_weight, bi
     return rows
 
 
-def _parallel(n_jobs: int):
-    from joblib import Parallel
-
+def parallel(n_jobs: int) -> Parallel:
+    """joblib's ``Parallel`` over ``n_jobs`` processes (sequential for 1), yielding results in order."""
     return Parallel(n_jobs=n_jobs, backend="loky" if n_jobs != 1 else "sequential", return_as="generator")
 
 
@@ -797,10 +776,6 @@ def grid_search(
     weighted F1; ties (equal to 1e-12) go to the smaller C, then to the larger l1_ratio (the
     more regularised, sparser model).
     """
-    from joblib import delayed
-    from sklearn.model_selection import StratifiedKFold
-    from tqdm.auto import tqdm
-
     grid = dict(DEFAULT_GRID if grid is None else grid)
     Cs = [float(c) for c in grid["C"]]
     l1_ratios = [float(a) for a in grid["l1_ratio"]]
@@ -808,7 +783,7 @@ def grid_search(
     jobs = (delayed(_fold_path)(X, y, train, validate, n_classes, Cs, l1_ratios, class_weight, binary, tol,
                                 max_iter) for train, validate in folds)
     results = []
-    for rows in tqdm(_parallel(n_jobs)(jobs), total=len(folds), desc=description, disable=not progress,
+    for rows in tqdm(parallel(n_jobs)(jobs), total=len(folds), desc=description, disable=not progress,
                      leave=False):
         results.append(rows)
     long = pd.DataFrame([dict(row, fold=i) for i, rows in enumerate(results) for row in rows])
@@ -841,7 +816,7 @@ class PhenotypeModel:
     classes: list[str]
     coef: np.ndarray  # (K, p), or (1, p) for a binary model (positive = classes[1])
     intercept: np.ndarray
-    scaler: Scaler
+    scaler: ZScore
     C: float
     l1_ratio: float
     class_weight: str | None
@@ -870,7 +845,7 @@ def model_id_for(feature_space: str, *, class_weight: str | None, shuffled: bool
     return f"binary_{positive_class}__{base}" if positive_class else base
 
 
-def _seed(random_state: int, *keys: str) -> np.random.Generator:
+def keyed_rng(random_state: int, *keys: str) -> np.random.Generator:
     """A generator keyed by names, so adding a model never changes another model's draws."""
     key = zlib.crc32("/".join(keys).encode())
     return np.random.default_rng([int(random_state), key])
@@ -923,12 +898,12 @@ def train_model(
     X_train = data.X[train_mask]
     labels = data.labels[train_mask]
     if data.negcon_X is not None:
-        scaler = fit_scaler(data.negcon_X, "negative_controls")
+        scaler = fit_zscore(data.negcon_X, "negative_controls")
     else:
-        scaler = fit_scaler(X_train, "training_set")
+        scaler = fit_zscore(X_train, "training_set")
     features = list(data.features)
     dropped = dict(data.dropped_features)
-    constant = scaler.scale == 0
+    constant = scaler.constant
     if constant.any():
         for name in np.array(features)[constant]:
             dropped[name] = f"constant over the scaler's reference cells ({scaler.reference})"
@@ -936,13 +911,14 @@ def train_model(
                     int(constant.sum()), list(np.array(features)[constant]))
         keep = ~constant
         features = [f for f, k in zip(features, keep) if k]
-        scaler = Scaler(scaler.mean[keep], scaler.scale[keep], scaler.reference, scaler.n_reference)
+        scaler = ZScore(scaler.mean[keep], scaler.scale[keep], scaler.reference, scaler.n_reference,
+                        scaler.constant[keep])
         X_train = X_train[:, keep]
     Xs = scaler.transform(X_train)
     if shuffled:
-        Xs = shuffle_columns(Xs, _seed(random_state, model_id, "shuffle"))
+        Xs = shuffle_columns(Xs, keyed_rng(random_state, model_id, "shuffle"))
     if positive_class is not None:
-        chosen = downsample_negatives(labels, positive_class, _seed(random_state, model_id, "negatives"))
+        chosen = downsample_negatives(labels, positive_class, keyed_rng(random_state, model_id, "negatives"))
         Xs = Xs[chosen]
         labels = np.where(labels[chosen] == positive_class, positive_class, BINARY_NEGATIVE)
         classes = [BINARY_NEGATIVE, positive_class]
@@ -966,7 +942,7 @@ def train_model(
     else:
         C, l1_ratio = (float(v) for v in hyperparameters)
     fit = fit_logistic(Xs, codes, n_classes=len(classes), C=C, l1_ratio=l1_ratio,
-                       sample_weight=_class_weights(codes, class_weight), binary=binary, tol=tol)
+                       sample_weight=class_weights(codes, class_weight), binary=binary, tol=tol)
     counts = pd.Series(labels).value_counts().sort_index()
     training = {"n_cells": int(len(labels)), "class_counts": {str(k): int(v) for k, v in counts.items()},
                 "n_iter": fit.n_iter, "converged": fit.converged, "kkt": fit.kkt, "tol": tol,
@@ -1016,7 +992,7 @@ def predict_table(model: PhenotypeModel, table: pd.DataFrame) -> pd.DataFrame:
     if (~finite).any():
         log.warning("model %s: %d cell(s) with non-finite features were not predicted", model.model_id,
                     int((~finite).sum()))
-    out = table[[c for c in table.columns if c.startswith("Metadata_")]].copy()
+    out = table[[c for c in table.columns if c.startswith(METADATA_PREFIX)]].copy()
     predicted = pd.Series(pd.NA, index=out.index, dtype="string")
     predicted[finite] = np.asarray(model.classes, dtype=object)[probabilities[finite].argmax(axis=1)]
     out["predicted_phenotype"] = predicted
@@ -1028,16 +1004,6 @@ def predict_table(model: PhenotypeModel, table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Artefacts
 # --------------------------------------------------------------------------------------------
-
-def _versions() -> dict[str, str]:
-    import scipy
-    import sklearn
-
-    from morphotype import __version__
-
-    return {"morphotype": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "scikit-learn": sklearn.__version__, "pandas": pd.__version__}
-
 
 def model_card(model: PhenotypeModel) -> dict[str, Any]:
     """The JSON-able description written as ``model_card.json`` (deterministic: no timestamps)."""
@@ -1060,7 +1026,7 @@ def model_card(model: PhenotypeModel) -> dict[str, Any]:
         "dropped_features": model.dropped_features,
         "n_nonzero_coefficients": int(np.count_nonzero(model.coef)),
         "random_state": model.random_state,
-        "versions": _versions(),
+        "versions": software_versions(MODEL_PACKAGES),
         "fingerprint": model_fingerprint(model.coef, model.intercept, model.scaler.mean, model.scaler.scale,
                                          model.features, model.classes),
     }
@@ -1109,7 +1075,7 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
         with np.load(arrays_path) as stored:
             arrays = {name: stored[name] for name in stored.files}
         coef, intercept = arrays["coef"], arrays["intercept"]
-        scaler = Scaler(arrays["scaler_mean"], arrays["scaler_scale"], card["scaler"]["reference"],
+        scaler = ZScore(arrays["scaler_mean"], arrays["scaler_scale"], card["scaler"]["reference"],
                         int(card["scaler"]["n_reference_cells"]))
         hyper = card["hyperparameters"]
         model = PhenotypeModel(
@@ -1132,7 +1098,7 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
 
 
 # --------------------------------------------------------------------------------------------
-# Orchestration
+# Results of a training run (trained by morphotype.training)
 # --------------------------------------------------------------------------------------------
 
 SPLIT_COLUMNS = ["feature_space", CELL_ID, IMAGE_ID, PHENOTYPE, "split"]
@@ -1142,7 +1108,8 @@ SPLIT_COLUMNS = ["feature_space", CELL_ID, IMAGE_ID, PHENOTYPE, "split"]
 class TrainingResults:
     """Trained models, the per-cell split, and (after evaluation) the evaluation tables.
 
-    :func:`write_results` writes it all; :func:`write_models` / :func:`load_models` the models part.
+    :func:`morphotype.training.write_results` writes it all; :func:`write_models` /
+    :func:`load_models` the models part.
     """
 
     models: dict[str, PhenotypeModel]
@@ -1152,97 +1119,8 @@ class TrainingResults:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def train_models(
-    table: pd.DataFrame,
-    *,
-    feature_spaces: Sequence[str] = ("CP", "DP", "CP_and_DP", "CP_areashape", "CP_zernike"),
-    balanced: Sequence[bool] = (True, False),
-    shuffled: Sequence[bool] = (False, True),
-    binary: bool = True,
-    binary_feature_spaces: Sequence[str] = ("CP", "DP", "CP_and_DP"),
-    grid: Mapping[str, Sequence[float]] | None = None,
-    cv_folds: int = 10,
-    split_method: str = "cell",
-    test_size: float = 0.15,
-    split_random_state: int = 1,
-    exclude_phenotypes: Sequence[str] = EXCLUDED_PHENOTYPES,
-    drop_positional: bool = False,
-    random_state: int = 0,
-    n_jobs: int = 2,
-    tol: float = DEFAULT_TOL,
-    cv_tol: float = DEFAULT_CV_TOL,
-    progress: bool = True,
-) -> TrainingResults:
-    """Train every requested model (the ``train`` step); no evaluation tables yet.
-
-    For each feature space present in ``table`` (absent ones are skipped with a message in
-    ``skipped_feature_spaces`` and the log): multiclass models for every ``balanced`` x
-    ``shuffled`` setting and, with ``binary``, balanced one-vs-rest models per phenotype for the
-    spaces in ``binary_feature_spaces`` (every ``shuffled`` setting). The split (``split_method``
-    "cell", the study's, or "image") is made once per feature space with ``split_random_state``
-    (the study's 1) and returned per cell in ``splits``.
-    """
-    models: dict[str, PhenotypeModel] = {}
-    skipped: dict[str, str] = {}
-    split_tables = []
-    preparation = {"exclude_phenotypes": list(exclude_phenotypes), "drop_positional": drop_positional,
-                   "split": {"method": split_method, "test_size": test_size, "random_state": split_random_state}}
-    for space in feature_spaces:
-        try:
-            data = prepare_data(table, space, exclude_phenotypes=exclude_phenotypes, drop_positional=drop_positional)
-        except MorphotypeInputError as error:
-            skipped[space] = str(error)
-            log.warning("skipping feature space %s: %s", space, error)
-            continue
-        split = split_cells(data.metadata, method=split_method, test_size=test_size, random_state=split_random_state)
-        split_tables.append(data.metadata[[CELL_ID, IMAGE_ID, PHENOTYPE]].assign(split=split).assign(
-            feature_space=space)[SPLIT_COLUMNS])
-        settings = [(w, s, None) for w in balanced for s in shuffled]
-        if binary and space in binary_feature_spaces:
-            settings += [(True, s, phenotype) for s in shuffled for phenotype in sorted(set(data.labels))]
-        for is_balanced, is_shuffled, positive in settings:
-            model = train_model(data, split == "train", class_weight="balanced" if is_balanced else None,
-                                shuffled=is_shuffled, positive_class=positive, grid=grid, cv_folds=cv_folds,
-                                random_state=random_state, n_jobs=n_jobs, tol=tol, cv_tol=cv_tol,
-                                progress=progress)
-            model.training.update(preparation)
-            models[model.model_id] = model
-    settings_used = {"feature_spaces": list(feature_spaces), "balanced": list(balanced), "shuffled": list(shuffled),
-                     "binary": binary, "binary_feature_spaces": list(binary_feature_spaces),
-                     "grid": {k: [float(x) for x in v] for k, v in dict(grid or DEFAULT_GRID).items()},
-                     "cv_folds": cv_folds, **preparation, "random_state": random_state, "tol": tol,
-                     "cv_tol": cv_tol}
-    return TrainingResults(models, _concat(split_tables), {}, skipped, settings_used)
-
-
-def train_all(
-    table: pd.DataFrame,
-    *,
-    loio: bool = True,
-    loio_feature_spaces: Sequence[str] | None = None,
-    umap: bool = True,
-    silhouette: bool = True,
-    **training: Any,
-) -> TrainingResults:
-    """Train (:func:`train_models`, same keyword arguments) and evaluate
-    (:func:`morphotype.evaluate.evaluate_models`) in one call: the ``run`` step.
-
-    ``loio`` (for the multiclass models of ``loio_feature_spaces``, None: all), ``umap`` and
-    ``silhouette`` switch those evaluations on or off; the tables they fill are then empty.
-    """
-    from morphotype.evaluate import evaluate_models
-
-    results = train_models(table, **training)
-    results.tables = evaluate_models(
-        results, table, loio=loio, loio_feature_spaces=loio_feature_spaces, umap=umap, silhouette=silhouette,
-        n_jobs=training.get("n_jobs", 2), tol=training.get("tol", DEFAULT_TOL),
-        random_state=training.get("random_state", 0), progress=training.get("progress", True))
-    results.settings.update({"loio": loio, "loio_feature_spaces": loio_feature_spaces, "umap": umap,
-                             "silhouette": silhouette})
-    return results
-
-
-def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+def concat_tables(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """The non-empty frames one after another (an empty frame when there are none)."""
     frames = [f for f in frames if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -1251,8 +1129,6 @@ def write_models(results: TrainingResults, models_dir: str | os.PathLike) -> Pat
     """Save every model as ``models_dir/<model_id>/`` plus ``models_dir/cell_splits.csv``
     (the train/test side of every cell, per feature space) and ``training.json`` (settings,
     skipped feature spaces)."""
-    from morphotype.io import write_table
-
     models_dir = Path(models_dir)
     for model_id, model in results.models.items():
         save_model(model, models_dir / model_id)
@@ -1266,8 +1142,6 @@ def write_models(results: TrainingResults, models_dir: str | os.PathLike) -> Pat
 
 def load_models(models_dir: str | os.PathLike) -> TrainingResults:
     """Read what :func:`write_models` wrote (models and splits; no evaluation tables)."""
-    from morphotype.io import read_table
-
     models_dir = Path(models_dir)
     index_path = models_dir / "training.json"
     if not index_path.exists():
@@ -1299,15 +1173,5 @@ def combine_results(parts: Sequence[TrainingResults]) -> TrainingResults:
         models.update(part.models)
         skipped.update(part.skipped_feature_spaces)
         spaces += [s for s in part.settings.get("feature_spaces", []) if s not in spaces]
-    splits = _concat(part.splits for part in parts)
+    splits = concat_tables(part.splits for part in parts)
     return TrainingResults(models, splits, {}, skipped, {**parts[0].settings, "feature_spaces": spaces})
-
-
-def write_results(results: TrainingResults, outdir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``outdir/models/`` (:func:`write_models`) and ``outdir/evaluation/``
-    (:func:`morphotype.evaluate.write_evaluation`)."""
-    from morphotype.evaluate import write_evaluation
-
-    outdir = Path(outdir)
-    write_models(results, outdir / "models")
-    return write_evaluation(results, outdir / "evaluation")

@@ -1,10 +1,15 @@
 """Normalisation: z-score every feature against negative-control nuclei.
 
+:func:`fit_zscore` is the package's one z-score: the models' scalers, the evaluation's
+embeddings, LOIO refits, JUMP plates and the tables here all use it. It computes what
+pycytominer's ``standardize`` (scikit-learn's ``StandardScaler``) computes: population standard
+deviation, NaN ignored, a feature that is constant (up to rounding) keeps scale 1, so it is
+centred only. It is written with numpy (``nanmean``, ``nanstd``) because those are bit-for-bit
+the ``mean``/``std`` the models were always scaled with, which ``StandardScaler`` is not.
+
 The study fits one scaler (mean, standard deviation) on the negative-control nuclei of the whole
-screen and applies it to every cell; JUMP-style screens fit one per plate (``group_by``). Fitting
-uses pycytominer's ``standardize`` path (scikit-learn's ``StandardScaler``: population standard
-deviation, NaN ignored, a zero-variance feature keeps scale 1). The fitted scaler is a small
-table (one row per group and feature: ``mean``, ``scale``, ``n``) written as Parquet, CSV or JSON,
+screen and applies it to every cell; JUMP-style screens fit one per plate (``group_by``). The
+fitted scaler is a small table (one row per group and feature: ``mean``, ``scale``, ``n``) written as Parquet, CSV or JSON,
 so it can be applied later to cells measured elsewhere (e.g. the labelled MitoCheck cells).
 """
 
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,9 +28,48 @@ import pandas as pd
 from morphotype.io import MorphotypeInputError, atomic_path
 
 log = logging.getLogger(__name__)
+# pycytominer is imported where it is used: it pulls in much of the scientific stack at start-up.
 
 NEGATIVE_CONTROLS = "Metadata_Control == 'negative'"
 SCALER_COLUMNS = ["feature", "mean", "scale", "n"]
+
+
+@dataclass
+class ZScore:
+    """Per-feature z-score: ``(x - mean) / scale``, fitted by :func:`fit_zscore`.
+
+    ``reference`` says which cells it was fitted on (e.g. ``"negative_controls"``,
+    ``"training_set"``), ``n_reference`` how many; ``constant`` marks the features that were
+    constant there (their scale is 1: centred only).
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    reference: str = "cells"
+    n_reference: int = 0
+    constant: np.ndarray | None = field(default=None, repr=False)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.mean) / self.scale
+
+
+def fit_zscore(values: np.ndarray, reference: str = "cells") -> ZScore:
+    """Fit the z-score on the reference cells (rows of ``values``, features in columns).
+
+    Mean and population standard deviation per feature, NaN ignored. A feature whose variance
+    is within rounding error of 0 (scikit-learn's test in ``StandardScaler``) gets scale 1.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features: NaN mean and scale
+        mean = np.nanmean(values, axis=0)
+        scale = np.nanstd(values, axis=0)
+    counts = np.sum(~np.isnan(values), axis=0)
+    eps = np.finfo(np.float64).eps
+    variance = scale**2
+    constant = variance <= counts * eps * variance + (counts * mean * eps) ** 2
+    scale = np.where(constant, 1.0, scale)
+    return ZScore(mean, scale, reference, int(len(values)), constant)
 
 
 def feature_columns(profiles: pd.DataFrame) -> list[str]:
@@ -46,8 +92,6 @@ def fit_scaler(
     Returns the scaler table: ``group_by`` columns, then ``feature``, ``mean``, ``scale`` (the
     divisor) and ``n`` (control cells with a value).
     """
-    from sklearn.preprocessing import StandardScaler
-
     features = list(features) if features is not None else feature_columns(profiles)
     _check_columns(profiles, [*features, *group_by], "profiles")
     try:
@@ -63,9 +107,10 @@ def fit_scaler(
                 + (f" in group {dict(zip(group_by, _tuple(key)))}" if group_by else "")
                 + "; need at least 2 to estimate a standard deviation"
             )
-        scaler = StandardScaler().fit(rows[features].to_numpy(dtype=np.float64))
+        values = rows[features].to_numpy(dtype=np.float64)
+        zscore = fit_zscore(values, samples)
         table = pd.DataFrame(
-            {"feature": features, "mean": scaler.mean_, "scale": scaler.scale_, "n": scaler.n_samples_seen_}
+            {"feature": features, "mean": zscore.mean, "scale": zscore.scale, "n": np.sum(~np.isnan(values), axis=0)}
         )
         for column, value in zip(group_by, _tuple(key)):
             table.insert(list(group_by).index(column), column, value)

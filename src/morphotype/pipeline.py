@@ -17,12 +17,15 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 from tqdm.auto import tqdm
 
+from morphotype.columns import CELL_ID, CENTRE_X, CENTRE_Y, FILE_ID, IMAGE_ID, MATCH_DISTANCE, METADATA_PREFIX, \
+    OBJECT_NUMBER
+from morphotype.features import FEATURE_NAMES, measure_nuclei
 from morphotype.io import MorphotypeInputError, read_image, read_mask, write_mask, write_table
+from morphotype.params import default_workers
+from morphotype.segment import match_points, segment_nuclei
 
 log = logging.getLogger(__name__)
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# torch is imported where it is used (if installed): importing it costs seconds at start-up.
 
 
 def _single_threaded_worker() -> None:
@@ -68,7 +71,6 @@ def mask_path(masks_dir: Path, file_id: str) -> Path:
 
 
 def _segment_one(task: tuple[str, str, Path, SegmentationOptions]) -> dict:
-    from morphotype.segment import segment_nuclei
     file_id, location, masks_dir, options = task
     image = read_image(location)
     labels = segment_nuclei(
@@ -119,7 +121,7 @@ def _metadata(row: pd.Series) -> dict:
     out = {}
     for column, value in row.items():
         name = names.get(column) or "".join(part.capitalize() for part in str(column).split("_"))
-        out[f"Metadata_{name}"] = value
+        out[f"{METADATA_PREFIX}{name}"] = value
     return out
 
 
@@ -146,8 +148,6 @@ def _segmentation_objects(masks_dir: Path, file_ids) -> dict[str, int]:
 
 
 def _measure_one(task: tuple[pd.DataFrame, Path, float, int | None]) -> tuple[list[dict], list[dict]]:
-    from morphotype.features import measure_nuclei
-    from morphotype.segment import match_points
     rows, masks_dir, tolerance, expected_objects = task
     first = rows.iloc[0]
     image = read_image(first["image"])
@@ -183,15 +183,15 @@ def _measure_one(task: tuple[pd.DataFrame, Path, float, int | None]) -> tuple[li
             continue
         taken.add(label)
         record = _cell_record(row, label, by_object.loc[label])
-        record["Metadata_MatchDistance"] = float(distance)
+        record[MATCH_DISTANCE] = float(distance)
         cells.append(record)
     return cells, unmatched
 
 
 def _cell_record(row: pd.Series, object_number: int, features: pd.Series) -> dict:
     record = _metadata(row)
-    record["Metadata_ObjectNumber"] = object_number
-    record["Metadata_CellID"] = f"{row['file_id']}_{object_number}"
+    record[OBJECT_NUMBER] = object_number
+    record[CELL_ID] = f"{row['file_id']}_{object_number}"
     record.update(features.drop(labels="ObjectNumber").to_dict())
     return record
 
@@ -204,8 +204,6 @@ def measure_samplesheet(
     Returns the single-cell table (``Metadata_*`` columns then features) and the table of
     annotations that matched no nucleus, with the reason.
     """
-    from morphotype.features import FEATURE_NAMES
-
     objects = _segmentation_objects(Path(masks_dir), sheet["file_id"].unique())
     tasks = [(rows, Path(masks_dir), tolerance, objects.get(file_id))
              for file_id, rows in sheet.groupby("file_id", sort=False)]
@@ -219,13 +217,12 @@ def measure_samplesheet(
     table = pd.DataFrame.from_records(cells)
     feature_columns = ["Location_Center_X", "Location_Center_Y", *FEATURE_NAMES]
     if table.empty:
-        table = pd.DataFrame(columns=["Metadata_CellID", *feature_columns])
-    metadata = [c for c in table.columns if c.startswith("Metadata_")]
+        table = pd.DataFrame(columns=[CELL_ID, *feature_columns])
+    metadata = [c for c in table.columns if c.startswith(METADATA_PREFIX)]
     table = table[metadata + [c for c in feature_columns if c in table.columns]]
-    table = table.rename(columns={"Location_Center_X": "Nuclei_Location_Center_X",
-                                  "Location_Center_Y": "Nuclei_Location_Center_Y"})
-    if table["Metadata_CellID"].duplicated().any():
-        raise RuntimeError("duplicated Metadata_CellID values: two samplesheet rows share an image file id")
+    table = table.rename(columns={"Location_Center_X": CENTRE_X, "Location_Center_Y": CENTRE_Y})
+    if table[CELL_ID].duplicated().any():
+        raise RuntimeError(f"duplicated {CELL_ID} values: two samplesheet rows share an image file id")
     log.info("measured %d cells in %d images; %d annotations unmatched", len(table), len(tasks), len(unmatched))
     return table, pd.DataFrame.from_records(unmatched)
 
@@ -235,7 +232,7 @@ def write_features(cells: pd.DataFrame, unmatched: pd.DataFrame, out: str | Path
     out = Path(out)
     report = out.with_name(out.stem + ".unmatched.csv")
     if unmatched.empty:
-        unmatched = pd.DataFrame(columns=["Metadata_FileID", "Metadata_ImageID", "reason", "distance"])
+        unmatched = pd.DataFrame(columns=[FILE_ID, IMAGE_ID, "reason", "distance"])
     return write_table(cells, out), write_table(unmatched, report)
 
 

@@ -1,0 +1,140 @@
+"""Training runs: every model of a single-cell table (the ``train`` step), then its evaluation.
+
+:func:`train_models` trains the models that the settings ask for (one split per feature space,
+grid search, refit; :mod:`morphotype.models` holds the solver and the model objects),
+:func:`train_all` adds every evaluation table (:mod:`morphotype.evaluate`) and
+:func:`write_results` writes both. The defaults are the pipeline params' defaults
+(:func:`morphotype.params.training_settings` of :data:`morphotype.params.PARAM_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from morphotype.columns import CELL_ID, IMAGE_ID, PHENOTYPE
+from morphotype.evaluate import evaluate_models, write_evaluation
+from morphotype.io import MorphotypeInputError
+from morphotype.models import (
+    DEFAULT_CV_TOL,
+    DEFAULT_GRID,
+    DEFAULT_TOL,
+    SPLIT_COLUMNS,
+    PhenotypeModel,
+    TrainingResults,
+    concat_tables,
+    prepare_data,
+    split_cells,
+    train_model,
+    write_models,
+)
+from morphotype.params import PARAM_DEFAULTS, default_workers, training_settings
+
+log = logging.getLogger(__name__)
+
+# The keyword defaults below: the pipeline's defaults, as the params turn into settings.
+DEFAULTS: dict[str, Any] = training_settings(PARAM_DEFAULTS)
+
+
+def train_models(
+    table: pd.DataFrame,
+    *,
+    feature_spaces: Sequence[str] = tuple(DEFAULTS["feature_spaces"]),
+    balanced: Sequence[bool] = DEFAULTS["balanced"],
+    shuffled: Sequence[bool] = DEFAULTS["shuffled"],
+    binary: bool = DEFAULTS["binary"],
+    binary_feature_spaces: Sequence[str] = ("CP", "DP", "CP_and_DP"),
+    grid: Mapping[str, Sequence[float]] | None = None,
+    cv_folds: int = DEFAULTS["cv_folds"],
+    split_method: str = DEFAULTS["split_method"],
+    test_size: float = 0.15,
+    split_random_state: int = 1,
+    exclude_phenotypes: Sequence[str] = tuple(DEFAULTS["exclude_phenotypes"]),
+    drop_positional: bool = False,
+    random_state: int = DEFAULTS["random_state"],
+    n_jobs: int | None = None,
+    tol: float = DEFAULT_TOL,
+    cv_tol: float = DEFAULT_CV_TOL,
+    progress: bool = True,
+) -> TrainingResults:
+    """Train every requested model (the ``train`` step); no evaluation tables yet.
+
+    For each feature space present in ``table`` (absent ones are skipped with a message in
+    ``skipped_feature_spaces`` and the log): multiclass models for every ``balanced`` x
+    ``shuffled`` setting and, with ``binary``, balanced one-vs-rest models per phenotype for the
+    spaces in ``binary_feature_spaces`` (every ``shuffled`` setting). The split (``split_method``
+    "cell", the study's, or "image") is made once per feature space with ``split_random_state``
+    (the study's 1) and returned per cell in ``splits``. Defaults are the pipeline params'
+    (:data:`morphotype.params.PARAM_DEFAULTS`); ``n_jobs`` None: every core.
+    """
+    n_jobs = n_jobs or default_workers()
+    models: dict[str, PhenotypeModel] = {}
+    skipped: dict[str, str] = {}
+    split_tables = []
+    preparation = {"exclude_phenotypes": list(exclude_phenotypes), "drop_positional": drop_positional,
+                   "split": {"method": split_method, "test_size": test_size, "random_state": split_random_state}}
+    for space in feature_spaces:
+        try:
+            data = prepare_data(table, space, exclude_phenotypes=exclude_phenotypes, drop_positional=drop_positional)
+        except MorphotypeInputError as error:
+            skipped[space] = str(error)
+            log.warning("skipping feature space %s: %s", space, error)
+            continue
+        split = split_cells(data.metadata, method=split_method, test_size=test_size, random_state=split_random_state)
+        split_tables.append(data.metadata[[CELL_ID, IMAGE_ID, PHENOTYPE]].assign(split=split).assign(
+            feature_space=space)[SPLIT_COLUMNS])
+        settings = [(w, s, None) for w in balanced for s in shuffled]
+        if binary and space in binary_feature_spaces:
+            settings += [(True, s, phenotype) for s in shuffled for phenotype in sorted(set(data.labels))]
+        for is_balanced, is_shuffled, positive in settings:
+            model = train_model(data, split == "train", class_weight="balanced" if is_balanced else None,
+                                shuffled=is_shuffled, positive_class=positive, grid=grid, cv_folds=cv_folds,
+                                random_state=random_state, n_jobs=n_jobs, tol=tol, cv_tol=cv_tol,
+                                progress=progress)
+            model.training.update(preparation)
+            models[model.model_id] = model
+    settings_used = {"feature_spaces": list(feature_spaces), "balanced": list(balanced), "shuffled": list(shuffled),
+                     "binary": binary, "binary_feature_spaces": list(binary_feature_spaces),
+                     "grid": {k: [float(x) for x in v] for k, v in dict(grid or DEFAULT_GRID).items()},
+                     "cv_folds": cv_folds, **preparation, "random_state": random_state, "tol": tol,
+                     "cv_tol": cv_tol}
+    return TrainingResults(models, concat_tables(split_tables), {}, skipped, settings_used)
+
+
+def train_all(
+    table: pd.DataFrame,
+    *,
+    loio: bool = DEFAULTS["loio"],
+    loio_feature_spaces: Sequence[str] | None = DEFAULTS["loio_feature_spaces"],
+    umap: bool = DEFAULTS["umap"],
+    silhouette: bool = True,
+    **training: Any,
+) -> TrainingResults:
+    """Train (:func:`train_models`, same keyword arguments) and evaluate
+    (:func:`morphotype.evaluate.evaluate_models`) in one call: the ``run`` step.
+
+    ``loio`` (for the multiclass models of ``loio_feature_spaces``, None: all), ``umap`` and
+    ``silhouette`` switch those evaluations on or off; the tables they fill are then empty.
+    """
+    training["n_jobs"] = training.get("n_jobs") or default_workers()
+    results = train_models(table, **training)
+    results.tables = evaluate_models(
+        results, table, loio=loio, loio_feature_spaces=loio_feature_spaces, umap=umap, silhouette=silhouette,
+        n_jobs=training["n_jobs"], tol=training.get("tol", DEFAULT_TOL),
+        random_state=training.get("random_state", DEFAULTS["random_state"]), progress=training.get("progress", True))
+    results.settings.update({"loio": loio, "loio_feature_spaces": loio_feature_spaces, "umap": umap,
+                             "silhouette": silhouette})
+    return results
+
+
+
+def write_results(results: TrainingResults, outdir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``outdir/models/`` (:func:`write_models`) and ``outdir/evaluation/``
+    (:func:`morphotype.evaluate.write_evaluation`)."""
+    outdir = Path(outdir)
+    write_models(results, outdir / "models")
+    return write_evaluation(results, outdir / "evaluation")
