@@ -84,11 +84,12 @@ def test_run_writes_features_table(crops_subset, tmp_path):
 
 def test_params_precedence_and_errors(tmp_path):
     params = tmp_path / "p.yaml"
-    params.write_text("mitocheck_crops: crops\nmin_nucleus_size: 20\n")
+    (tmp_path / "crops").mkdir()
+    params.write_text(f"mitocheck_crops: {tmp_path / 'crops'}\nmin_nucleus_size: 20\n")
     loaded = load_params(params, {"min_nucleus_size": "30", "remove_edge_objects": "false"})
     assert loaded["min_nucleus_size"] == 30 and loaded["remove_edge_objects"] is False
     assert loaded["segmentation_backend"] == PARAM_DEFAULTS["segmentation_backend"]
-    params.write_text("mitocheck_crops: crops\nsegmentaton_backend: cellpose\n")
+    params.write_text(f"mitocheck_crops: {tmp_path / 'crops'}\nsegmentaton_backend: cellpose\n")
     with pytest.raises(ValueError, match="unknown parameter.*segmentaton_backend"):
         load_params(params)
 

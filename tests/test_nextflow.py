@@ -73,6 +73,7 @@ PARAM_OPTIONS = {
     "min_nucleus_size": ("MORPHOTYPE_SEGMENT", "min_size", int),
     "remove_edge_objects": ("MORPHOTYPE_SEGMENT", "keep_edge_objects", lambda v: not v),
     "split_touching_nuclei": ("MORPHOTYPE_SEGMENT", "split_touching", bool),
+    "image_channel": ("MORPHOTYPE_SEGMENT", "channel", lambda value: None if value is None else int(value)),
     "annotation_tolerance": ("MORPHOTYPE_FEATURES", "tolerance", float),
     "deep_box_size": ("DEEP_FEATURES_DP", "box_size", int),
     "encoder_epochs": ("MORPHOTYPE_ENCODER_TRAIN", "epochs", int),
@@ -95,7 +96,8 @@ PARAM_OPTIONS = {
 # Values unlike every default, to see each param reach its option.
 FLIPPED = {"segmentation_backend": "cellpose", "cellpose_model": "nuclei", "cellpose_diameter": 17.5,
            "cellpose_flow_threshold": 0.4, "cellpose_cellprob_threshold": -1.5, "use_gpu": True,
-           "min_nucleus_size": 40, "remove_edge_objects": False, "split_touching_nuclei": False, "annotation_tolerance": 9.0,
+           "min_nucleus_size": 40, "remove_edge_objects": False, "split_touching_nuclei": False, "image_channel": 1,
+           "annotation_tolerance": 9.0,
            "idr_labelled": False, "idr_controls": "negative,positive", "idr_base_url": "ftp://mirror.example/idr",
            "idr_seed": 7, "illumination_correction": False, "idr_movies_per_batch": 2, "deep_box_size": 96,
            "encoder_epochs": 2, "class_balance": "balanced", "shuffled_baselines": False, "binary_models": False,

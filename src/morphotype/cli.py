@@ -37,7 +37,11 @@ EXIT_BAD_INPUT = 2
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A --no-X switch's "default: True" would read as "X is off by default": say nothing.
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,13 @@ def _add_segmentation_options(parser: argparse.ArgumentParser) -> None:
                         help="keep nuclei that touch the image border (removed by default)")
     parser.add_argument("--no-split-touching", dest="split_touching", action="store_false",
                         help="threshold: keep touching nuclei as one object (a cell's chromatin stays whole)")
+    _add_channel(parser)
+
+
+def _add_channel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channel", type=int, default=None,
+                        help="multi-channel (RGB) images: 0-based channel holding the nuclei; without it an "
+                        "RGB image whose channels differ is refused")
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"morphotype {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sheet = commands.add_parser(
@@ -163,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="single-cell Parquet table to write; unmatched annotations go to <out>.unmatched.csv")
     features.add_argument("--tolerance", type=float, default=D["annotation_tolerance"],
                           help="max distance in pixels from an annotated centre to its nucleus")
+    _add_channel(features)
     _add_workers(features)
 
     stream = commands.add_parser(
@@ -213,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="score one plate: per-plate z-scores, probabilities, KS tests per well, profiles",
         epilog="Example: morphotype jump score --sqlite s3://cellpainting-gallery/.../BR00116991.sqlite "
-        "--model models/CP_areashape__balanced --shuffled-model models/CP_areashape__balanced__shuffled --outdir jump",
+        "--model models/CP_areashape__balanced__final --shuffled-model models/CP_areashape__balanced__shuffled "
+        "--outdir jump",
         formatter_class=_Formatter,
     )
     score.add_argument("--sqlite", required=True, help="plate SQLite: path, http(s):// or s3:// URL")
@@ -257,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="predict phenotypes with a saved model: from a single-cell table, or segment+measure a samplesheet",
-        epilog="Example: morphotype predict --model results/models/CP__balanced --samplesheet sheet.csv "
+        epilog="Example: morphotype predict --model results/models/CP__balanced__final --samplesheet sheet.csv "
         "--out predictions.parquet",
         formatter_class=_Formatter,
     )
@@ -417,7 +431,7 @@ def _segmentation_options(args):
         "cellpose_diameter": args.diameter, "cellpose_flow_threshold": args.flow_threshold,
         "cellpose_cellprob_threshold": args.cellprob_threshold, "use_gpu": args.gpu,
         "remove_edge_objects": not args.keep_edge_objects, "min_nucleus_size": args.min_size,
-        "split_touching_nuclei": args.split_touching,
+        "split_touching_nuclei": args.split_touching, "image_channel": args.channel,
     })
 
 
@@ -429,8 +443,8 @@ def _command_segment(args) -> str:
 
 def _command_features(args) -> str:
     cells, unmatched = measure_samplesheet(
-        read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers
-    )
+        read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers,
+        channel=args.channel)
     table_path, report = write_features(cells, unmatched, args.out)
     return f"{len(cells)} cells × {cells.shape[1]} columns in {table_path}; {len(unmatched)} unmatched annotations in {report}"
 
@@ -502,7 +516,8 @@ def _command_predict(args) -> str:
         sheet = read_samplesheet(args.samplesheet)
         with tempfile.TemporaryDirectory(prefix="morphotype-masks-") as masks:
             segment_samplesheet(sheet, masks, _segmentation_options(args), workers=args.workers)
-            cells, _ = measure_samplesheet(sheet, masks, tolerance=args.tolerance, workers=args.workers)
+            cells, _ = measure_samplesheet(sheet, masks, tolerance=args.tolerance, workers=args.workers,
+                                           channel=args.channel)
     predictions = predict_table(model, cells)
     write_table(predictions, args.out)
     return f"{len(predictions)} cells predicted with {model.model_id} in {args.out}"
@@ -633,8 +648,25 @@ def _command_run(args, extra: list[str]) -> str:
     return "wrote " + ", ".join(f"{name}: {path}" for name, path in outputs.items())
 
 
+def _one_spelling(argv: list[str]) -> list[str]:
+    """Options in either spelling: ``run`` takes params as ``--cv_folds`` (Nextflow's), the step
+    commands ``--cv-folds``; each also accepts the other's."""
+    command = next((token for token in argv if not token.startswith("-")), None)
+    spelled = []
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name, equals, value = token[2:].partition("=")
+            name = name.replace("-", "_") if command == "run" else name.replace("_", "-")
+            token = f"--{name}{equals}{value}"
+        spelled.append(token)
+    # --debug and --verbose are the program's, wherever they stand
+    program = [token for token in spelled if token in ("--debug", "--verbose", "-v")]
+    return program + [token for token in spelled if token not in program]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _one_spelling(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -663,11 +695,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = _command_run(args, extra) if args.command == "run" else handlers[args.command](args)
     except MorphotypeInputError as error:
+        if args.debug:
+            raise
         print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
-    print(f"morphotype {args.command}: {summary} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    except Exception as error:  # a failure that is not the input's: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"morphotype {args.command}: failed: {type(error).__name__}: {error} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"morphotype {args.command}: {summary} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

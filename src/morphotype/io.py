@@ -112,7 +112,26 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> np.ndarra
         raise MorphotypeInputError(f"{path}: channel {channel} asked for, the image has one channel")
     if image.ndim != 2:
         raise MorphotypeInputError(f"{path}: expected a 2-D single-channel image, got shape {image.shape}")
+    _check_pixels(image, path)
     return image
+
+
+def _check_pixels(image: np.ndarray, path: Path) -> None:
+    """The pixel values the features can measure: uint8, uint16, or finite floats in [0, 1].
+
+    Checked where an image is first read, so a bad image stops segmentation, not features.
+    """
+    if image.dtype in (np.uint8, np.uint16):
+        return
+    if not np.issubdtype(image.dtype, np.floating):
+        raise MorphotypeInputError(f"{path}: pixel type {image.dtype} is not supported "
+                                   "(expected uint8, uint16 or floating point in [0, 1])")
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise MorphotypeInputError(f"{path}: {int((~finite).sum())} pixel(s) are NaN or infinite")
+    if image.size and (image.min() < 0 or image.max() > 1):
+        raise MorphotypeInputError(f"{path}: floating-point pixels must lie in [0, 1], got "
+                                   f"{float(image.min()):.4g} to {float(image.max()):.4g}")
 
 
 def write_mask(labels: np.ndarray, path: str | os.PathLike) -> Path:

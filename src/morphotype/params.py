@@ -10,13 +10,17 @@ turns params into the keyword arguments of :func:`morphotype.training.train_all`
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from jsonschema import Draft202012Validator
 
-from morphotype.io import MorphotypeInputError
+from morphotype.io import ASSETS_DIR, MorphotypeInputError
 
 # Every pipeline parameter with its default; nextflow.config and nextflow_schema.json hold the
 # same names and defaults (a test keeps them in step).
@@ -42,6 +46,7 @@ PARAM_DEFAULTS: dict[str, object] = {
     "min_nucleus_size": 15,
     "remove_edge_objects": True,
     "split_touching_nuclei": True,  # threshold backend: watershed-split touching nuclei
+    "image_channel": None,  # multi-channel (RGB) images: 0-based channel holding the nuclei
     "annotation_tolerance": 5.0,  # pixels from an annotated centre to the nearest mask
     "batch_size": 500,  # images per Nextflow task
     # deep features (off unless given)
@@ -117,7 +122,14 @@ def load_params(params_file: str | Path | None, overrides: dict[str, object] | N
             continue
         if name not in PARAM_DEFAULTS:
             raise MorphotypeInputError(f"unknown parameter --{name}; known: {sorted(PARAM_DEFAULTS)}")
-        params[name] = coerce(value, PARAM_DEFAULTS[name])
+        default = PARAM_DEFAULTS[name]
+        if default is None:  # no default to take the type from: the schema's type
+            kind = pipeline_schema()["properties"].get(name, {}).get("type")
+            default = {"integer": 0, "number": 0.0, "boolean": False}.get(kind)
+        try:
+            params[name] = coerce(value, default)
+        except MorphotypeInputError as error:
+            raise MorphotypeInputError(f"--{name}: {error}") from None
     check_params(params, source=source)
     return params
 
@@ -126,7 +138,12 @@ def read_params_file(path: Path) -> dict[str, object]:
     """The pipeline params of a YAML (or JSON, a subset of YAML) params file."""
     if not path.exists():
         raise MorphotypeInputError(f"{path}: params file does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise MorphotypeInputError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(loaded, dict):
         raise MorphotypeInputError(f"{path}: expected a mapping of parameter names to values")
     unknown = sorted(set(loaded) - set(PARAM_DEFAULTS) - set(INFRASTRUCTURE_PARAMS))
@@ -135,11 +152,70 @@ def read_params_file(path: Path) -> dict[str, object]:
     return {name: value for name, value in loaded.items() if name in PARAM_DEFAULTS}
 
 
+@lru_cache(maxsize=1)
+def pipeline_schema() -> dict:
+    """The params' JSON schema: ``nextflow_schema.json``'s groups as one flat object schema.
+
+    The same file validates ``nextflow run`` (nf-schema); in a source checkout it sits beside the
+    package, in an installed package a copy ships in ``assets/``.
+    """
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "nextflow_schema.json", ASSETS_DIR / "nextflow_schema.json"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"nextflow_schema.json not found in {[str(c) for c in candidates]}")
+    schema = json.loads(path.read_text())
+    properties: dict[str, dict] = {}
+    for group in schema.get("$defs", schema.get("definitions", {})).values():
+        properties.update(group.get("properties", {}))
+    return {"type": "object", "properties": properties}
+
+
+def _schema_errors(params: dict) -> list[str]:
+    """Every param that breaks its type, range, enum or pattern in the schema (None = not given)."""
+    schema = pipeline_schema()
+    given = {name: value for name, value in params.items() if value is not None}
+    messages = []
+    for error in sorted(Draft202012Validator(schema).iter_errors(given), key=lambda e: list(e.path)):
+        name = error.path[0] if error.path else "?"
+        rule = schema["properties"].get(name, {})
+        expected = {"type": f"a {rule.get('type')}", "enum": f"one of {rule.get('enum')}",
+                    "pattern": f"text matching {rule.get('pattern')}",
+                    "minimum": f"a number >= {rule.get('minimum')}",
+                    "maximum": f"a number <= {rule.get('maximum')}"}.get(error.validator, error.message)
+        messages.append(f"param {name!r}: {error.instance!r} is not valid; expected {expected}")
+    for name, rule in schema["properties"].items():
+        value = given.get(name)
+        if rule.get("exists") and isinstance(value, str) and "://" not in value and not Path(value).exists():
+            messages.append(f"param {name!r}: {value!r} does not exist")
+    return messages
+
+
+def _grid_errors(params: dict) -> list[str]:
+    messages = []
+    for name, low, high, low_open in (("grid_c", 0.0, math.inf, True), ("grid_l1_ratio", 0.0, 1.0, False)):
+        try:
+            values = [float(item) for item in str(params[name]).split(",") if item.strip()]
+        except ValueError:
+            continue  # the schema's pattern names it
+        bad = [v for v in values if not (math.isfinite(v) or v == high) or v > high or v < low
+               or (low_open and v == low)]
+        if bad or not values:
+            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            messages.append(f"param {name!r}: {params[name]!r}: every value must lie in {interval}")
+    return messages
+
+
 def check_params(params: dict, *, source: str = "params") -> None:
     """The one check of a complete set of params, before any work starts.
 
-    ``source`` names where the params came from (the params file) in messages.
+    Types, ranges, enums and patterns come from ``nextflow_schema.json`` (what nf-schema checks
+    for ``nextflow run``), strictly: ``'no'`` is no boolean, ``-1`` no C. ``source`` names where
+    the params came from (the params file) in messages; every problem is listed.
     """
+    problems = _schema_errors(params) + _grid_errors(params)
+    if problems:
+        raise MorphotypeInputError(f"{source}: " + "; ".join(problems))
     given = [name for name in IMAGE_SOURCES if params[name]]
     if len(given) != 1:
         raise MorphotypeInputError(f"{source}: give exactly one of 'input' (a samplesheet), 'mitocheck_crops' (a crops folder) "
@@ -154,10 +230,14 @@ def coerce(value: object, default: object) -> object:
         if value.lower() in {"true", "false"}:
             return value.lower() == "true"
         raise MorphotypeInputError(f"expected true or false, got {value!r}")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
+    try:
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise MorphotypeInputError(f"expected {kind}, got {value!r}") from None
     return value
 
 

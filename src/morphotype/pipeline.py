@@ -61,6 +61,7 @@ class SegmentationOptions:
     remove_edge_objects: bool = True
     min_size: int = 15
     backend_options: tuple[tuple[str, object], ...] = ()
+    channel: int | None = None  # of multi-channel images: the one that holds the nuclei (io.read_image)
 
     def kwargs(self) -> dict:
         return dict(self.backend_options)
@@ -72,7 +73,7 @@ def mask_path(masks_dir: Path, file_id: str) -> Path:
 
 def _segment_one(task: tuple[str, str, Path, SegmentationOptions]) -> dict:
     file_id, location, masks_dir, options = task
-    image = read_image(location)
+    image = read_image(location, options.channel)
     labels = segment_nuclei(
         image,
         options.backend,
@@ -109,6 +110,10 @@ def segment_samplesheet(
         "segmented %d images with %s: %d nuclei (%d images without any)",
         len(summary), options.backend, summary["objects"].sum(), int((summary["objects"] == 0).sum()),
     )
+    empty = summary.loc[summary["objects"] == 0, "file_id"].tolist()
+    if empty:
+        log.warning("no nuclei found in %d image(s): %s%s", len(empty), ", ".join(empty[:10]),
+                    " ..." if len(empty) > 10 else "")
     return summary
 
 
@@ -147,10 +152,10 @@ def _segmentation_objects(masks_dir: Path, file_ids) -> dict[str, int]:
     return objects
 
 
-def _measure_one(task: tuple[pd.DataFrame, Path, float, int | None]) -> tuple[list[dict], list[dict]]:
-    rows, masks_dir, tolerance, expected_objects = task
+def _measure_one(task: tuple[pd.DataFrame, Path, float, int | None, int | None]) -> tuple[list[dict], list[dict]]:
+    rows, masks_dir, tolerance, expected_objects, channel = task
     first = rows.iloc[0]
-    image = read_image(first["image"])
+    image = read_image(first["image"], channel)
     labels = read_mask(mask_path(masks_dir, first["file_id"]))
     if expected_objects is not None and int(labels.max(initial=0)) != expected_objects:
         raise MorphotypeInputError(
@@ -197,15 +202,18 @@ def _cell_record(row: pd.Series, object_number: int, features: pd.Series) -> dic
 
 
 def measure_samplesheet(
-    sheet: pd.DataFrame, masks_dir: str | Path, *, tolerance: float = 5.0, workers: int | None = None
+    sheet: pd.DataFrame, masks_dir: str | Path, *, tolerance: float = 5.0, workers: int | None = None,
+    channel: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every image's nuclei; keep annotated nuclei where an image has annotations.
+
+    ``channel`` names the channel of multi-channel images that holds the nuclei (as segmentation).
 
     Returns the single-cell table (``Metadata_*`` columns then features) and the table of
     annotations that matched no nucleus, with the reason.
     """
     objects = _segmentation_objects(Path(masks_dir), sheet["file_id"].unique())
-    tasks = [(rows, Path(masks_dir), tolerance, objects.get(file_id))
+    tasks = [(rows, Path(masks_dir), tolerance, objects.get(file_id), channel)
              for file_id, rows in sheet.groupby("file_id", sort=False)]
     cells: list[dict] = []
     unmatched: list[dict] = []

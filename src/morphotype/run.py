@@ -21,7 +21,7 @@ from morphotype.pipeline import SegmentationOptions, measure_samplesheet, segmen
 from morphotype.report import write_report
 from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
 from morphotype.segment import BUILTIN_CELLPOSE_MODELS
-from morphotype.training import train_all, write_results
+from morphotype.training import check_cv_folds, train_all, write_results
 from morphotype.versions import write_versions
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def segmentation_options(params: dict) -> SegmentationOptions:
         remove_edge_objects=bool(params["remove_edge_objects"]),
         min_size=int(params["min_nucleus_size"]),
         backend_options=tuple(sorted(extra.items())),
+        channel=None if params["image_channel"] is None else int(params["image_channel"]),
     )
 
 
@@ -94,6 +95,7 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         log.info("stream: %d frames written, %d from cache, %.1f MB downloaded", stats.frames_written,
                  stats.frames_from_cache, stats.bytes_downloaded / 1e6)
     sheet = read_samplesheet(sheet_path)
+    _check_before_segmentation(params, sheet)
 
     # segment
     masks_dir = outdir / "segmentation"
@@ -102,7 +104,8 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
 
     # features
     cells, unmatched = measure_samplesheet(
-        sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers
+        sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers,
+        channel=segmentation_options(params).channel,
     )
 
     # deep_features: DP__ (EfficientNet-B0) and/or SSL__ (in-domain encoder) columns
@@ -158,6 +161,17 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         outputs["unmatched"],
     )
     return outputs
+
+
+def _check_before_segmentation(params: dict, sheet) -> None:
+    """What the samplesheet already tells about later steps, checked before any image is read."""
+    if params["train_models"] and "phenotype" in sheet.columns:
+        labelled = sheet.dropna(subset=["phenotype"])
+        labelled = labelled[~labelled["phenotype"].isin(names(params["exclude_phenotypes"]))]
+        check_cv_folds(labelled["phenotype"].value_counts(), int(params["cv_folds"]),
+                       what=f"annotations in the samplesheet {params['input'] or 'of this run'}", test_size=0.15)
+    if params["jump_plates"]:
+        jump_plate_list(params["jump_plates"])
 
 
 def jump_plate_list(path: str | Path) -> list[str]:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from morphotype.columns import CELL_ID, IMAGE_ID, PHENOTYPE
@@ -23,6 +24,7 @@ from morphotype.models import (
     DEFAULT_CV_TOL,
     DEFAULT_GRID,
     DEFAULT_TOL,
+    FEATURE_SPACES,
     SPLIT_COLUMNS,
     PhenotypeModel,
     TrainingResults,
@@ -38,6 +40,22 @@ log = logging.getLogger(__name__)
 
 # The keyword defaults below: the pipeline's defaults, as the params turn into settings.
 DEFAULTS: dict[str, Any] = training_settings(PARAM_DEFAULTS)
+
+
+def check_cv_folds(class_counts: pd.Series, cv_folds: int, *, what: str, test_size: float = 0.0) -> None:
+    """Refuse ``cv_folds`` above the cells of the smallest class (stratified folds need one each).
+
+    ``test_size`` > 0 checks counts before the split (a samplesheet's annotations): the training
+    split keeps about ``1 - test_size`` of each class.
+    """
+    if class_counts.empty:
+        return
+    kept = np.floor(class_counts.astype(float) * (1.0 - test_size)).astype(int)
+    smallest = kept.idxmin()
+    if kept[smallest] < cv_folds:
+        raise MorphotypeInputError(
+            f"cv_folds {cv_folds} is more than the {int(kept[smallest])} training cells of class {smallest!r} "
+            f"({what}); lower cv_folds or exclude the class (exclude_phenotypes)")
 
 
 def train_models(
@@ -72,6 +90,11 @@ def train_models(
     (:data:`morphotype.params.PARAM_DEFAULTS`); ``n_jobs`` None: every core.
     """
     n_jobs = n_jobs or default_workers()
+    unknown = [space for space in feature_spaces if space not in FEATURE_SPACES]
+    if unknown:
+        raise MorphotypeInputError(f"unknown feature space(s) {unknown}; expected some of {sorted(FEATURE_SPACES)}")
+    if len(table) == 0:
+        raise MorphotypeInputError("the single-cell table has no rows: nothing to train on")
     models: dict[str, PhenotypeModel] = {}
     skipped: dict[str, str] = {}
     split_tables = []
@@ -85,6 +108,8 @@ def train_models(
             log.warning("skipping feature space %s: %s", space, error)
             continue
         split = split_cells(data.metadata, method=split_method, test_size=test_size, random_state=split_random_state)
+        check_cv_folds(pd.Series(data.labels[split == "train"]).value_counts(), cv_folds,
+                       what=f"feature space {space}, training split")
         split_tables.append(data.metadata[[CELL_ID, IMAGE_ID, PHENOTYPE]].assign(split=split).assign(
             feature_space=space)[SPLIT_COLUMNS])
         settings = [(w, s, None) for w in balanced for s in shuffled]
