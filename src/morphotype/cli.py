@@ -16,8 +16,7 @@ import pandas as pd
 
 from morphotype import __version__, idr, jump, normalize
 from morphotype.columns import IMAGE
-from morphotype.evaluate import data_as_trained, evaluate_models, leave_one_image_out, loio_image_chunk, \
-    write_evaluation
+from morphotype.evaluate import data_as_trained, evaluate_models, leave_one_image_out, loio_image_chunk
 from morphotype.io import MorphotypeInputError, merge_tables, read_table, write_table
 from morphotype.models import combine_results, load_model, load_models, predict_table, write_models
 from morphotype.params import CLASS_BALANCES, PARAM_DEFAULTS, SEGMENTATION_BACKENDS, SPLIT_METHODS, \
@@ -554,8 +553,7 @@ def _command_evaluate(args) -> str:
                                      random_state=args.seed, loio_predictions=collected)
     results.settings.update({"loio": args.run_loio, "loio_feature_spaces": loio_spaces, "umap": args.umap,
                              "silhouette": True})
-    write_models(results, args.outdir / "models")
-    write_evaluation(results, args.outdir / "evaluation")
+    write_results(results, args.outdir)
     return f"{len(results.models)} models evaluated; tables in {args.outdir / 'evaluation'}"
 
 

@@ -496,7 +496,8 @@ def headline(results: TrainingResults) -> pd.DataFrame:
     return table
 
 
-def write_evaluation(results: TrainingResults, evaluation_dir: str | os.PathLike) -> dict[str, Path]:
+def write_evaluation(results: TrainingResults, evaluation_dir: str | os.PathLike, *,
+                     results_id: str | None = None) -> dict[str, Path]:
     """Write the evaluation tables into ``evaluation_dir`` (atomically, one file per table).
 
     Files: f1_scores.csv, loio_summary.csv, loio_predictions.parquet, pr_curves.csv,
@@ -515,7 +516,8 @@ def write_evaluation(results: TrainingResults, evaluation_dir: str | os.PathLike
     models = headline(results)
     written["models"] = write_table(models, evaluation_dir / "models.csv")
     summary = {"settings": results.settings, "skipped_feature_spaces": results.skipped_feature_spaces,
-               "models": json.loads(models.to_json(orient="records", double_precision=15)) if len(models) else []}
+               "models": json.loads(models.to_json(orient="records", double_precision=15)) if len(models) else [],
+               **({"results_id": results_id} if results_id else {})}
     with atomic_path(evaluation_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     written["summary"] = evaluation_dir / "summary.json"

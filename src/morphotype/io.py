@@ -53,6 +53,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` left in ``folder`` when a run was killed.
+
+    Call it when a step starts writing into a folder that no other process writes into.
+    """
+    folder = Path(folder)
+    stale = [path for path in folder.glob(".*.tmp") if path.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a data frame atomically as Parquet (or CSV when the suffix is .csv)."""
     path = Path(path)

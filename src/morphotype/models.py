@@ -1125,7 +1125,7 @@ def concat_tables(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def write_models(results: TrainingResults, models_dir: str | os.PathLike) -> Path:
+def write_models(results: TrainingResults, models_dir: str | os.PathLike, *, results_id: str | None = None) -> Path:
     """Save every model as ``models_dir/<model_id>/`` plus ``models_dir/cell_splits.csv``
     (the train/test side of every cell, per feature space) and ``training.json`` (settings,
     skipped feature spaces)."""
@@ -1136,7 +1136,8 @@ def write_models(results: TrainingResults, models_dir: str | os.PathLike) -> Pat
     write_table(splits, models_dir / "cell_splits.csv")
     with atomic_path(models_dir / "training.json") as tmp:
         tmp.write_text(json.dumps({"settings": results.settings, "models": list(results.models),
-                                   "skipped_feature_spaces": results.skipped_feature_spaces}, indent=2) + "\n")
+                                   "skipped_feature_spaces": results.skipped_feature_spaces,
+                                   **({"results_id": results_id} if results_id else {})}, indent=2) + "\n")
     return models_dir
 
 

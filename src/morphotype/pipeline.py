@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from morphotype.columns import CELL_ID, CENTRE_X, CENTRE_Y, FILE_ID, IMAGE_ID, MATCH_DISTANCE, METADATA_PREFIX, \
     OBJECT_NUMBER
 from morphotype.features import FEATURE_NAMES, measure_nuclei
-from morphotype.io import MorphotypeInputError, read_image, read_mask, write_mask, write_table
+from morphotype.io import MorphotypeInputError, read_image, read_mask, remove_stale_temporaries, write_mask, \
+    write_table
 from morphotype.params import default_workers
 from morphotype.segment import match_points, segment_nuclei
 
@@ -97,6 +98,7 @@ def segment_samplesheet(
     """Segment every distinct image of ``sheet``; write one mask per image; return a summary."""
     masks_dir = Path(masks_dir)
     masks_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(masks_dir)
     marker = masks_dir / SEGMENTING_MARKER
     marker.touch()
     (masks_dir / SEGMENTATION_SUMMARY).unlink(missing_ok=True)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphotype.io import MorphotypeInputError, atomic_path, read_table
+from morphotype.io import MorphotypeInputError, atomic_path, read_table, remove_stale_temporaries
+from morphotype.training import check_results_consistent
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def read_run_outputs(outdir: str | os.PathLike) -> RunOutputs:
     outdir = Path(outdir)
     if not outdir.is_dir():
         raise MorphotypeInputError(f"{outdir}: not a folder; expected a morphotype run's output folder")
+    check_results_consistent(outdir)
     cards = {}
     for card_path in sorted((outdir / "models").glob("*/model_card.json")):
         card = _read_json(card_path)
@@ -707,6 +709,8 @@ def write_report(outdir: str | os.PathLike, *, report_dir: str | os.PathLike | N
     started = time.perf_counter()
     run = read_run_outputs(outdir)
     report_dir = Path(report_dir) if report_dir is not None else Path(outdir) / "report"
+    for folder in (report_dir, report_dir / "figures"):  # what a killed report left
+        remove_stale_temporaries(folder)
     figures = FigureWriter(report_dir / "figures")
     body = [_run_section(run), _data_section(run, figures), _models_overview(run, figures),
             _loio_overview(run, figures)]

@@ -9,8 +9,12 @@ grid search, refit; :mod:`morphotype.models` holds the solver and the model obje
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +33,7 @@ from morphotype.models import (
     PhenotypeModel,
     TrainingResults,
     concat_tables,
+    model_fingerprint,
     prepare_data,
     split_cells,
     train_model,
@@ -157,9 +162,64 @@ def train_all(
 
 
 
+RESULT_FOLDERS = ("models", "evaluation")
+STAGING_PREFIX = ".results-staging-"
+
+
+def results_id(results: TrainingResults) -> str:
+    """A fingerprint of one set of results: its models' fingerprints and the settings.
+
+    Stamped into ``models/training.json`` and ``evaluation/summary.json``; two folders with
+    different ids come from different runs. Deterministic: the same results, the same id.
+    """
+    digest = hashlib.sha256(json.dumps(results.settings, sort_keys=True, default=str).encode())
+    for model_id in sorted(results.models):
+        model = results.models[model_id]
+        digest.update(model_fingerprint(model.coef, model.intercept, model.scaler.mean, model.scaler.scale,
+                                        model.features, model.classes).encode())
+    return digest.hexdigest()[:16]
+
+
 def write_results(results: TrainingResults, outdir: str | os.PathLike) -> dict[str, Path]:
     """Write ``outdir/models/`` (:func:`write_models`) and ``outdir/evaluation/``
-    (:func:`morphotype.evaluate.write_evaluation`)."""
+    (:func:`morphotype.evaluate.write_evaluation`) so that they can never mix two runs.
+
+    Both are written into a staging folder first and then swapped in, each in one rename; a
+    run killed before the swap leaves the previous results whole (its staging folder is removed
+    by the next run), and one killed between the two renames leaves folders whose ``results_id``
+    differ, which :func:`check_results_consistent` (and so the report) refuses.
+    """
     outdir = Path(outdir)
-    write_models(results, outdir / "models")
-    return write_evaluation(results, outdir / "evaluation")
+    outdir.mkdir(parents=True, exist_ok=True)
+    for stale in outdir.glob(f"{STAGING_PREFIX}*"):  # what a killed run left
+        shutil.rmtree(stale, ignore_errors=True)
+    stamp = results_id(results)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=outdir))
+    try:
+        write_models(results, staging / "models", results_id=stamp)
+        written = write_evaluation(results, staging / "evaluation", results_id=stamp)
+        for name in RESULT_FOLDERS:
+            final = outdir / name
+            if final.exists():
+                final.rename(staging / f"previous-{name}")
+            (staging / name).rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: outdir / "evaluation" / Path(path).name for key, path in written.items()}
+
+
+def check_results_consistent(outdir: str | os.PathLike) -> None:
+    """Refuse an output folder whose ``models/`` and ``evaluation/`` come from different runs."""
+    outdir = Path(outdir)
+    stamps = {}
+    for name, index in (("models", "training.json"), ("evaluation", "summary.json")):
+        path = outdir / name / index
+        if path.is_file():
+            try:
+                stamps[name] = json.loads(path.read_text()).get("results_id")
+            except (json.JSONDecodeError, AttributeError) as error:
+                raise MorphotypeInputError(f"{path}: not valid JSON ({error})") from error
+    if None not in stamps.values() and len(set(stamps.values())) > 1:
+        raise MorphotypeInputError(
+            f"{outdir}: models/ (results {stamps['models']}) and evaluation/ (results {stamps['evaluation']}) "
+            "come from different runs (a run was killed while writing them); run the training again")
