@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from morphotype import __version__
+from morphotype.download import DownloadError
 from morphotype.io import MorphotypeInputError
 
 log = logging.getLogger("morphotype")
@@ -713,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     except MorphotypeInputError as error:
         print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DownloadError as error:  # the network, not the input: the message names the URL and the last error
+        print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     print(f"morphotype {args.command}: {summary} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
