@@ -2,7 +2,7 @@
 
 Writes synthetic movies of the study's size (default 95 frames of 1024x1344 uint8, ~60 drifting
 nuclei under a shading field) as CellH5 (gzip, one chunk per plane) and OME-Zarr 0.4 (gzip, one
-chunk per plane), serves them from a loopback HTTP server (morphotype.idr.LoopbackFileServer),
+chunk per plane), serves them from a loopback HTTP server (morphotype.testing.LoopbackFileServer),
 and streams a few labelled frames per movie through morphotype.idr.stream_frames, for
 
   * ``no_ic``: the frame's plane only (transfer cost), and
@@ -68,6 +68,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from morphotype import idr
+    from morphotype.testing import LoopbackFileServer, synthetic_movie
     from morphotype.illumination import context_window
     from morphotype.pipeline import parallel_map
 
@@ -77,7 +78,7 @@ def main() -> None:
         movies = []
         started = time.perf_counter()
         for well in range(1, args.movies + 1):
-            synthetic = idr.synthetic_movie(args.length, (args.height, args.width), n_nuclei=args.nuclei,
+            synthetic = synthetic_movie(args.length, (args.height, args.width), n_nuclei=args.nuclei,
                                             radius=9.0, seed=well)
             idr.write_cellh5(root / "P1" / f"{well:05d}_01.ch5", synthetic["movie"], plate="P1", well=well)
             idr.write_ome_zarr(root / "P1" / f"{well:05d}.zarr", synthetic["movie"])
@@ -113,7 +114,7 @@ def main() -> None:
         n_labelled = args.movies * args.frames_per_movie
         options = idr.FetchOptions(timeout=30, retries=3, backoff=0.1, workers=2, batch_size=2)
         results = {}
-        with idr.LoopbackFileServer(root) as server:
+        with LoopbackFileServer(root) as server:
             for variant in ("no_ic", "ic"):
                 for kind, name in (("CellH5 movie", "{well:05d}_01.ch5"), ("OME-Zarr planes", "{well:05d}.zarr")):
                     rows = [{"image": f"{server.url}/P1/{name.format(well=w)}#frame={t}", "plate": "P1", "well": w,

@@ -288,6 +288,7 @@ def test_run_trains_evaluates_and_reports(labelled_cells, crops_dir, tmp_path):
 def test_run_starts_from_the_idr_and_rerun_fetches_nothing(tmp_path):
     """idr_plates: samplesheet of control frames, streamed (with BaSiC) from a loopback IDR mirror."""
     from morphotype import idr
+    from morphotype.testing import LoopbackFileServer, synthetic_movie
 
     plate = "LT0030_18"
     remote = idr.idr_samplesheet([plate], labelled=False, controls=["negative"], base_url="http://mirror")
@@ -295,11 +296,11 @@ def test_run_starts_from_the_idr_and_rerun_fetches_nothing(tmp_path):
     for number, movie in enumerate(sorted(set(remote["movie"]))):
         path = root / movie.removeprefix("http://mirror/")
         well = int(path.name.split("_")[0])
-        synthetic = idr.synthetic_movie(64, (256, 320), n_nuclei=4, seed=number)
+        synthetic = synthetic_movie(64, (256, 320), n_nuclei=4, seed=number)
         idr.write_cellh5(path, synthetic["movie"], plate=plate, well=well)
     outdir, cache = tmp_path / "out", tmp_path / "frames"
     params = tmp_path / "params.yaml"
-    with idr.LoopbackFileServer(root) as server:
+    with LoopbackFileServer(root) as server:
         params.write_text(yaml.safe_dump({
             "idr_plates": plate, "idr_labelled": False, "idr_controls": "negative", "idr_base_url": server.url,
             "idr_cache": str(cache), "remove_edge_objects": False, "train_models": False, "report": False}))
@@ -310,7 +311,7 @@ def test_run_starts_from_the_idr_and_rerun_fetches_nothing(tmp_path):
     cells = pd.read_parquet(outdir / "features" / "single_cells.parquet")
     assert len(cells) > 0 and set(cells["Metadata_Control"]) == {"negative"}
     assert set(cells["Metadata_Plate"]) == {plate}
-    with idr.LoopbackFileServer(root) as server:  # same cache, new server address: nothing fetched
+    with LoopbackFileServer(root) as server:  # same cache, new server address: nothing fetched
         params.write_text(params.read_text().replace(str(outdir), "").replace(
             yaml.safe_load(params.read_text())["idr_base_url"], server.url))
         assert main(["run", str(params), "--outdir", str(tmp_path / "again"), "--workers", "2"]) == 0

@@ -16,10 +16,13 @@ import pandas as pd
 import pytest
 import tifffile
 
-from morphotype import idr
+from morphotype import idr, pipeline
+from morphotype.download import md5_for
 from morphotype.illumination import context_window, correct_window
 from morphotype.io import MorphotypeInputError
+from morphotype.io import write_mask
 from morphotype.samplesheet import read_samplesheet
+from morphotype.testing import LoopbackFileServer, synthetic_movie
 
 # Fast retries for loopback servers; the timeout must exceed a normal loopback answer on a
 # loaded 2-core machine and be shorter than the injected slow answer.
@@ -31,12 +34,13 @@ ALL_FAULTS = ["503", "drop", "truncate", "500", "slow"]
 @pytest.fixture(autouse=True)
 def _quiet_retries(caplog):
     caplog.set_level(logging.ERROR, logger="morphotype.idr")
+    caplog.set_level(logging.ERROR, logger="morphotype.download")
 
 
 @pytest.fixture(scope="module")
 def movies():
     """Three small synthetic movies (8 frames of 96x128) with known shading."""
-    return [idr.synthetic_movie(8, (96, 128), n_nuclei=8, seed=seed) for seed in range(3)]
+    return [synthetic_movie(8, (96, 128), n_nuclei=8, seed=seed) for seed in range(3)]
 
 
 @pytest.fixture()
@@ -214,7 +218,7 @@ def test_ome_zarr_reader_reads_single_planes(tmp_path, movies, version):
 
 def test_http_download_survives_every_fault_and_resumes(tmp_path, served):
     source = served / "P1" / "00001_01.ch5"
-    with idr.LoopbackFileServer(served, faults=ALL_FAULTS, slow_seconds=SLOW_SECONDS) as server:
+    with LoopbackFileServer(served, faults=ALL_FAULTS, slow_seconds=SLOW_SECONDS) as server:
         result = idr.download(f"{server.url}/P1/00001_01.ch5", tmp_path / "movie.ch5", options=FAST)
         outcomes = [outcome for _, _, outcome in server.requests]
         ranges = [byte_range for _, byte_range, _ in server.requests]
@@ -232,7 +236,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(tmp_path, served):
     data = source.read_bytes()
     dest = tmp_path / "movie.ch5"
     Path(f"{dest}.part").write_bytes(data[:1000])
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         result = idr.download(f"{server.url}/P1/00002_01.ch5", dest, options=FAST)
         assert server.requests == [("P1/00002_01.ch5", "bytes=1000-", "206")]
         assert server.bytes_sent == len(data) - 1000
@@ -241,7 +245,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(tmp_path, served):
 
 def test_checksums_and_missing_files_give_errors_naming_the_url(tmp_path, served):
     data = (served / "P1" / "00003_01.ch5").read_bytes()
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         url = f"{server.url}/P1/00003_01.ch5"
         idr.download(url, tmp_path / "ok.ch5", options=FAST, md5=hashlib.md5(data).hexdigest())
         assert (tmp_path / "ok.ch5").read_bytes() == data
@@ -250,7 +254,7 @@ def test_checksums_and_missing_files_give_errors_naming_the_url(tmp_path, served
         assert not (tmp_path / "bad.ch5").exists() and not (tmp_path / "bad.ch5.part").exists()
         with pytest.raises(idr.SourceError, match=r"/P1/missing.ch5: not found \(HTTP 404\)"):
             idr.download(f"{server.url}/P1/missing.ch5", tmp_path / "missing.ch5", options=FAST)
-    with idr.LoopbackFileServer(served, faults=["503"] * 10) as server:
+    with LoopbackFileServer(served, faults=["503"] * 10) as server:
         url = f"{server.url}/P1/00003_01.ch5"
         options = idr.FetchOptions(timeout=1.0, retries=2, backoff=0.01)
         with pytest.raises(idr.DownloadError, match=f"{url}: download failed after 3 attempts"):
@@ -262,9 +266,9 @@ def test_md5_table_matches_urls_by_suffix(tmp_path):
     table = tmp_path / "md5.txt"
     table.write_text("# md5sum output\n" + "a" * 32 + "  screen/hdf5/00001_01.ch5\n" + "B" * 32 + " *other.ch5\n")
     md5 = idr.read_md5_table(table)
-    assert idr._md5_for("https://host/base/screen/hdf5/00001_01.ch5", md5) == "a" * 32
-    assert idr._md5_for("https://host/x/other.ch5", md5) == "b" * 32
-    assert idr._md5_for("https://host/x/third.ch5", md5) is None
+    assert md5_for("https://host/base/screen/hdf5/00001_01.ch5", md5) == "a" * 32
+    assert md5_for("https://host/x/other.ch5", md5) == "b" * 32
+    assert md5_for("https://host/x/third.ch5", md5) is None
     table.write_text("not-a-checksum file\n")
     with pytest.raises(MorphotypeInputError, match="line 1"):
         idr.read_md5_table(table)
@@ -307,7 +311,7 @@ def test_stream_frames_through_faults_bounds_scratch_and_caches(tmp_path, served
                ("00001.zarr", 1, [5]), ("00002.zarr", 2, [1, 6])]
     sizes = sorted((served / "P1" / f"{w:05d}_01.ch5").stat().st_size for w in (1, 2, 3))
     cache, scratch = tmp_path / "cache", tmp_path / "scratch"
-    with idr.LoopbackFileServer(served, faults=ALL_FAULTS, slow_seconds=SLOW_SECONDS) as server:
+    with LoopbackFileServer(served, faults=ALL_FAULTS, slow_seconds=SLOW_SECONDS) as server:
         sheet = _sheet(server.url, entries)
         out, stats = idr.stream_frames(sheet, cache, variant="no_ic", scratch_dir=scratch, options=FAST)
         assert {"drop", "truncate", "500", "503"} <= {outcome for _, _, outcome in server.requests}
@@ -323,7 +327,7 @@ def test_stream_frames_through_faults_bounds_scratch_and_caches(tmp_path, served
     assert not list(cache.rglob("*.ch5")) and not list(cache.rglob("*.zarr"))  # planes, not movies
 
     # a re-run with the same cache fetches nothing, not even metadata
-    with idr.LoopbackFileServer(served, faults=ALL_FAULTS) as server:
+    with LoopbackFileServer(served, faults=ALL_FAULTS) as server:
         sheet = _sheet(server.url, entries)
         again, stats = idr.stream_frames(sheet, cache, variant="no_ic", scratch_dir=scratch, options=FAST)
         assert server.requests == []
@@ -333,7 +337,7 @@ def test_stream_frames_through_faults_bounds_scratch_and_caches(tmp_path, served
 
 def test_stream_frames_corrects_illumination_from_neighbouring_planes(tmp_path, served, movies):
     cache = tmp_path / "cache"
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         sheet = _sheet(server.url, [("00001.zarr", 1, [0, 7])])
         out, stats = idr.stream_frames(sheet, cache, variant="ic", options=FAST)
         chunks = {path for path, _, outcome in server.requests
@@ -355,7 +359,7 @@ def test_stream_frames_corrects_illumination_from_neighbouring_planes(tmp_path, 
 
 def test_corrupt_or_missing_movies_raise_or_are_skipped(tmp_path, served):
     (served / "P1" / "00009_01.ch5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0garbage" * 500)
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         corrupt = _sheet(server.url, [("00009_01.ch5", 9, [1])])
         with pytest.raises(idr.SourceError, match=rf"{server.url}/P1/00009_01.ch5: not a readable CellH5 movie"):
             idr.stream_frames(corrupt, tmp_path / "cache", variant="no_ic", options=FAST)
@@ -377,7 +381,7 @@ def test_fragment_and_frame_column_must_agree(tmp_path):
 
 
 def test_plane_reads_transfer_a_fraction_of_the_movie(tmp_path, served):
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         idr.stream_frames(_sheet(server.url, [("00001_01.ch5", 1, [4])]), tmp_path / "a", variant="no_ic", options=FAST)
         whole = server.bytes_sent
         server.reset_counters()
@@ -386,21 +390,28 @@ def test_plane_reads_transfer_a_fraction_of_the_movie(tmp_path, served):
     assert 0 < planes < whole / 4  # one plane of eight, plus metadata
 
 
-# --- label transfer ----------------------------------------------------------------------------
+# --- label transfer (pipeline.measure_samplesheet) on streamed frames ----------------------------
 
 
-def test_label_transfer_matches_planted_annotations(movies):
+def _measure_annotated(folder: Path, image: np.ndarray, labels: np.ndarray, xy: np.ndarray):
+    """Cells and unmatched annotations of one frame with its mask, annotated at points ``xy``."""
+    tifffile.imwrite(folder / "frame.tiff", image)
+    write_mask(labels, pipeline.mask_path(folder, "frame"))
+    sheet = pd.DataFrame({"image": str(folder / "frame.tiff"), "file_id": "frame", "x": xy[:, 0], "y": xy[:, 1]})
+    return pipeline.measure_samplesheet(sheet, folder, tolerance=0.0, workers=1)
+
+
+def test_label_transfer_matches_planted_annotations(tmp_path, movies):
     synthetic = movies[2]
     labels, centres = synthetic["labels"][3], synthetic["centres"][3]
-    annotations = pd.DataFrame({"x": centres[:, 0], "y": centres[:, 1], "phenotype": "Interphase"})
-    extra = pd.DataFrame({"x": [1.0, centres[0, 0] + 1], "y": [1.0, centres[0, 1]], "phenotype": ["Hole", "Large"]})
-    matched, unmatched = idr.transfer_labels(labels, pd.concat([annotations, extra], ignore_index=True))
-    assert list(matched["object_number"][: len(centres)]) == list(range(1, len(centres) + 1))
-    assert unmatched == 2
-    assert list(matched["match"].iloc[-2:]) == ["unmatched", "shared"]
+    extra = np.array([[1.0, 1.0], [centres[0, 0] + 1, centres[0, 1]]])  # outside every nucleus; a second in one
+    cells, unmatched = _measure_annotated(tmp_path, synthetic["movie"][3], labels, np.vstack([centres, extra]))
+    assert list(cells["Metadata_ObjectNumber"]) == list(range(1, len(centres) + 1))
+    assert list(unmatched["reason"]) == ["unmatched", "object already labelled by another annotation"]
+    assert list(unmatched["Metadata_AnnotatedX"]) == list(extra[:, 0])
 
 
-def test_label_transfer_on_a_segmented_corrected_frame(movies):
+def test_label_transfer_on_a_segmented_corrected_frame(tmp_path, movies):
     from morphotype.segment import segment_nuclei
 
     synthetic = movies[0]
@@ -408,11 +419,11 @@ def test_label_transfer_on_a_segmented_corrected_frame(movies):
     frame = correct_window(synthetic["movie"][window], position)
     labels = segment_nuclei(frame, "threshold", remove_edge_objects=False)
     centres = synthetic["centres"][4]
-    matched, unmatched = idr.transfer_labels(labels, pd.DataFrame({"x": centres[:, 0], "y": centres[:, 1]}))
-    assert unmatched == 0
-    assert matched["object_number"].nunique() == len(centres)  # one nucleus per annotation
+    cells, unmatched = _measure_annotated(tmp_path, frame, labels, centres)
+    assert unmatched.empty
+    assert cells["Metadata_ObjectNumber"].nunique() == len(centres)  # one nucleus per annotation
     truth = synthetic["labels"][4]
-    for number, (x, y) in zip(matched["object_number"], centres):
+    for number, (x, y) in zip(cells["Metadata_ObjectNumber"], centres):
         overlap = truth[labels == number]
         assert np.bincount(overlap).argmax() == truth[int(round(y)), int(round(x))]
 
@@ -432,7 +443,7 @@ def test_stream_command_names_frames_where_the_cache_is_published(tmp_path, serv
     from morphotype.cli import main
 
     cache, out = tmp_path / "task", tmp_path / "frames.csv"
-    with idr.LoopbackFileServer(served) as server:
+    with LoopbackFileServer(served) as server:
         sheet = tmp_path / "movies.csv"
         _sheet(server.url, [("00001_01.ch5", 1, [0, 3]), ("00002_01.ch5", 2, [1])]).to_csv(sheet, index=False)
         assert main(["stream", "--samplesheet", str(sheet), "--cache", str(cache), "--out", str(out),

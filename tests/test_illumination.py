@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from morphotype import illumination
-from morphotype.idr import synthetic_movie
+from morphotype.testing import synthetic_movie
 
 
 @pytest.fixture(scope="module")

@@ -435,6 +435,29 @@ def test_plates_are_read_from_http_and_s3_urls(http_root, scored, synthetic_plat
         jump.score_plate(f"s3://cellpainting-gallery/absent/{plate}.sqlite", final, shuffled, tmp_path / "x")
 
 
+def test_fetch_plate_goes_through_the_downloader_and_resumes(tmp_path):
+    from morphotype.download import FetchOptions
+    from morphotype.testing import LoopbackFileServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    data = np.random.default_rng(0).bytes(400_000)
+    (served / "BR00116991.sqlite").write_bytes(data)
+    options = FetchOptions(timeout=2.0, retries=3, backoff=0.01)
+    with LoopbackFileServer(served, faults=["truncate"]) as server:
+        url = f"{server.url}/BR00116991.sqlite"
+        path, downloaded = jump.fetch_plate(url, tmp_path / "cache", options=options)
+        requests = list(server.requests)
+        server.reset_counters()
+        again, downloaded_again = jump.fetch_plate(url, tmp_path / "cache", options=options)
+        assert server.requests == []  # the plate cache is reused
+    assert downloaded and not downloaded_again and again == path == tmp_path / "cache" / "BR00116991.sqlite"
+    assert path.read_bytes() == data and not list((tmp_path / "cache").glob("*.part"))
+    (_, first, truncated), (_, resumed, status) = requests
+    assert (first, truncated, status) == ("", "truncate", "206")
+    assert resumed.startswith("bytes=") and resumed != "bytes=0-"  # the truncated half was kept
+
+
 def _python_with_moto() -> str | None:
     for candidate in ("python3", "python"):
         path = shutil.which(candidate)

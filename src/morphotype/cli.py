@@ -16,6 +16,7 @@ import pandas as pd
 
 from morphotype import __version__, idr, jump, normalize
 from morphotype.columns import IMAGE
+from morphotype.download import DownloadError
 from morphotype.evaluate import data_as_trained, evaluate_models, leave_one_image_out, loio_image_chunk
 from morphotype.io import MorphotypeInputError, merge_tables, read_table, write_table
 from morphotype.models import combine_results, load_model, load_models, predict_table, write_models
@@ -697,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DownloadError as error:  # the network, not the input: the message names the URL and the last error
+        print(f"morphotype {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a failure that is not the input's: one line, the traceback with --debug

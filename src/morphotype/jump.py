@@ -24,7 +24,6 @@ import logging
 import os
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +33,7 @@ from scipy.stats import false_discovery_control, ks_2samp
 from tqdm import tqdm
 
 from morphotype.columns import CELL_ID, IMAGE_ID, OBJECT_NUMBER, PHENOTYPE
+from morphotype.download import FetchOptions, SourceError, download, s3_https_url
 from morphotype.io import MorphotypeInputError, asset_path, atomic_path, read_table, write_table
 from morphotype.models import PhenotypeModel, load_model, predict_logits, softmax_probabilities
 from morphotype.normalize import fit_zscore
@@ -285,25 +285,27 @@ def _remote_url(source: str) -> str | None:
     """HTTP(S) URL of a remote plate, or None for a local path.
 
     ``s3://bucket/key`` becomes the anonymous public URL ``https://bucket.s3.amazonaws.com/key``,
-    or ``$AWS_ENDPOINT_URL/bucket/key`` (path style) when that variable names another endpoint.
+    or ``$AWS_ENDPOINT_URL/bucket/key`` (path style) when that variable names another endpoint
+    (:func:`morphotype.download.s3_https_url`).
     """
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("http", "https"):
         return source
     if parsed.scheme == "s3":
-        key = urllib.parse.quote(parsed.path.lstrip("/"))
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            return f"{endpoint.rstrip('/')}/{parsed.netloc}/{key}"
-        return f"https://{parsed.netloc}.s3.amazonaws.com/{key}"
+        return s3_https_url(source)
     return None
 
 
-def fetch_plate(source: str | os.PathLike, cache_dir: str | os.PathLike) -> tuple[Path, bool]:
+def fetch_plate(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
+                options: FetchOptions | None = None) -> tuple[Path, bool]:
     """Local path of a plate SQLite; ``s3://`` and ``http(s)://`` sources are downloaded first.
 
-    Returns the path and whether it was downloaded by this call. Downloads are streamed to a
-    temporary file in ``cache_dir`` and renamed when complete; an existing complete file is reused.
+    Returns the path and whether it was downloaded by this call. Downloads go through
+    :func:`morphotype.download.download` (``options``; default: 60 s timeout, retries with
+    back-off, resumed with Range) into ``cache_dir`` and appear under their final name only when
+    complete; an existing complete file is reused. A plate that is missing or refused is bad
+    input (:class:`~morphotype.io.MorphotypeInputError`); a network failure that outlasts the
+    retries raises :class:`~morphotype.download.DownloadError`.
     """
     url = _remote_url(str(source))
     if url is None:
@@ -317,16 +319,8 @@ def fetch_plate(source: str | os.PathLike, cache_dir: str | os.PathLike) -> tupl
         return target, False
     log.info("downloading %s to %s", url, target)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(target) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as handle, tqdm(total=total, unit="B", unit_scale=True,
-                                                  desc=target.name, disable=None) as bar:
-                while block := response.read(8 << 20):
-                    handle.write(block)
-                    bar.update(len(block))
-            if total is not None and tmp.stat().st_size != total:
-                raise OSError(f"incomplete download: {tmp.stat().st_size} of {total} bytes")
-    except OSError as error:  # URLError and HTTPError are OSErrors
+        download(url, target, options=options or FetchOptions(timeout=60), progress=True)
+    except SourceError as error:
         raise MorphotypeInputError(f"{source}: cannot download plate ({error})") from error
     return target, True
 

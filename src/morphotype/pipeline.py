@@ -12,7 +12,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -244,10 +244,3 @@ def write_features(cells: pd.DataFrame, unmatched: pd.DataFrame, out: str | Path
     if unmatched.empty:
         unmatched = pd.DataFrame(columns=[FILE_ID, IMAGE_ID, "reason", "distance"])
     return write_table(cells, out), write_table(unmatched, report)
-
-
-def iter_batches(sheet: pd.DataFrame, batch_size: int) -> Iterable[pd.DataFrame]:
-    """Split a samplesheet into batches of whole images (the Nextflow fan-out unit)."""
-    ids = sheet["file_id"].drop_duplicates().to_numpy()
-    for start in range(0, len(ids), batch_size):
-        yield sheet[sheet["file_id"].isin(ids[start : start + batch_size])]
