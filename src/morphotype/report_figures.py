@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from morphotype.io import atomic_path
-
-PHENOTYPE = "Metadata_Phenotype"
+from morphotype.report_inputs import PHENOTYPE
 
 
 def safe_name(text: str) -> str:
@@ -224,6 +223,75 @@ def loio_ranks(loio: pd.DataFrame, pass_fraction: pd.Series, pass_rank: float, t
     return fig
 
 
+def _f1_panel(ax, f1: pd.DataFrame, pair: list[str | None]) -> pd.DataFrame | None:
+    frame = None
+    if len(f1):
+        f1 = f1[f1["model_id"].isin(pair)].sort_values(["shuffled", "phenotype"])
+        shuffled = f1["shuffled"].astype(bool)
+        labels = [
+            f"{'shuffled' if s else 'final'}\n{p}"
+            for s, p in zip(shuffled, f1["phenotype"], strict=True)
+        ]
+        ax.bar(range(len(f1)), f1["f1"], color=["tab:grey" if s else "tab:blue" for s in shuffled])
+        ax.set_xticks(range(len(f1)), labels, fontsize=6)
+        frame = f1[["model_id", "split", "phenotype", "f1", "n_cells"]].assign(panel="f1")
+    ax.set_ylim(0, 1)
+    ax.set_title("test F1 (final vs shuffled)", fontsize=8)
+    return frame
+
+
+def _confusion_panel(ax, confusion: pd.DataFrame, order: list[str]) -> pd.DataFrame | None:
+    frame = None
+    if len(confusion):
+        counts = (
+            confusion.pivot_table(
+                index="true_phenotype", columns="predicted_phenotype", values="count", aggfunc="sum"
+            )
+            .reindex(index=order, columns=order)
+            .fillna(0)
+        )
+        fraction = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
+        ax.imshow(fraction.to_numpy(dtype=float), cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(counts.to_numpy()):
+            text = f"{int(v)}\n{fraction.iloc[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(2), order, fontsize=7)
+        ax.set_yticks(range(2), order, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=7)
+        columns = ["split", "true_phenotype", "predicted_phenotype", "count"]
+        frame = confusion[columns].assign(panel="confusion")
+    ax.set_title("test confusion (count, row fraction)", fontsize=8)
+    return frame
+
+
+def _pr_panel(ax, pr: pd.DataFrame, positive: str) -> pd.DataFrame | None:
+    frame = None
+    if len(pr):
+        ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post")
+        ax.set_title(f"PR {positive} (AP {pr['average_precision'].iloc[0]:.2f})", fontsize=8)
+        columns = ["split", "phenotype", "precision", "recall", "threshold", "average_precision"]
+        frame = pr[columns].assign(panel="pr")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall", fontsize=7)
+    return frame
+
+
+def _coefficients_panel(ax, coefficients: pd.DataFrame) -> pd.DataFrame | None:
+    frame = None
+    if len(coefficients):
+        magnitude = coefficients["coefficient"].abs().sort_values(ascending=False, kind="stable")
+        top = coefficients.reindex(magnitude.index).head(10).iloc[::-1]
+        bar_colours = np.where(top["coefficient"] > 0, "tab:red", "tab:blue")
+        ax.barh(range(len(top)), top["coefficient"], color=bar_colours)
+        names = [f.replace("Nuclei_", "") for f in top["feature"]]
+        ax.set_yticks(range(len(top)), names, fontsize=6)
+        columns = ["phenotype", "feature", "coefficient"]
+        frame = top[columns].iloc[::-1].assign(panel="coefficients")
+    ax.set_title("top 10 coefficients", fontsize=8)
+    return frame
+
+
 def binary_panels(
     f1: pd.DataFrame,
     pair: list[str | None],
@@ -242,63 +310,15 @@ def binary_panels(
         The figure and the table behind it (a ``panel`` column names the panel), or
         ``(figure, None)`` when every input is empty.
     """
-    frames = []
     fig = new_figure(14.0, 3.4)
     fig.subplots_adjust(wspace=0.9)
-    ax = fig.add_subplot(1, 4, 1)
-    if len(f1):
-        f1 = f1[f1["model_id"].isin(pair)].sort_values(["shuffled", "phenotype"])
-        shuffled = f1["shuffled"].astype(bool)
-        labels = [
-            f"{'shuffled' if s else 'final'}\n{p}"
-            for s, p in zip(shuffled, f1["phenotype"], strict=True)
-        ]
-        ax.bar(range(len(f1)), f1["f1"], color=["tab:grey" if s else "tab:blue" for s in shuffled])
-        ax.set_xticks(range(len(f1)), labels, fontsize=6)
-        columns = ["model_id", "split", "phenotype", "f1", "n_cells"]
-        frames.append(f1[columns].assign(panel="f1"))
-    ax.set_ylim(0, 1)
-    ax.set_title("test F1 (final vs shuffled)", fontsize=8)
-    ax = fig.add_subplot(1, 4, 2)
-    if len(confusion):
-        counts = (
-            confusion.pivot_table(
-                index="true_phenotype", columns="predicted_phenotype", values="count", aggfunc="sum"
-            )
-            .reindex(index=order, columns=order)
-            .fillna(0)
-        )
-        fraction = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
-        ax.imshow(fraction.to_numpy(dtype=float), cmap="Blues", vmin=0, vmax=1)
-        for (i, j), v in np.ndenumerate(counts.to_numpy()):
-            text = f"{int(v)}\n{fraction.iloc[i, j]:.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(2), order, fontsize=7)
-        ax.set_yticks(range(2), order, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=7)
-        columns = ["split", "true_phenotype", "predicted_phenotype", "count"]
-        frames.append(confusion[columns].assign(panel="confusion"))
-    ax.set_title("test confusion (count, row fraction)", fontsize=8)
-    ax = fig.add_subplot(1, 4, 3)
-    if len(pr):
-        ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post")
-        ax.set_title(f"PR {positive} (AP {pr['average_precision'].iloc[0]:.2f})", fontsize=8)
-        columns = ["split", "phenotype", "precision", "recall", "threshold", "average_precision"]
-        frames.append(pr[columns].assign(panel="pr"))
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall", fontsize=7)
-    ax = fig.add_subplot(1, 4, 4)
-    if len(coefficients):
-        magnitude = coefficients["coefficient"].abs().sort_values(ascending=False, kind="stable")
-        top = coefficients.reindex(magnitude.index).head(10).iloc[::-1]
-        bar_colours = np.where(top["coefficient"] > 0, "tab:red", "tab:blue")
-        ax.barh(range(len(top)), top["coefficient"], color=bar_colours)
-        names = [f.replace("Nuclei_", "") for f in top["feature"]]
-        ax.set_yticks(range(len(top)), names, fontsize=6)
-        columns = ["phenotype", "feature", "coefficient"]
-        frames.append(top[columns].iloc[::-1].assign(panel="coefficients"))
-    ax.set_title("top 10 coefficients", fontsize=8)
+    frames = [
+        _f1_panel(fig.add_subplot(1, 4, 1), f1, pair),
+        _confusion_panel(fig.add_subplot(1, 4, 2), confusion, order),
+        _pr_panel(fig.add_subplot(1, 4, 3), pr, positive),
+        _coefficients_panel(fig.add_subplot(1, 4, 4), coefficients),
+    ]
+    frames = [frame for frame in frames if frame is not None]
     return fig, (pd.concat(frames, ignore_index=True) if frames else None)
 
 
