@@ -62,7 +62,7 @@ def resampling_cases() -> dict[str, np.ndarray]:
                       centres[:, 1] + box / 2, centres[:, 0] + box / 2], axis=1).astype(np.float32)
     boxes[:, [0, 2]] /= image.shape[0]
     boxes[:, [1, 3]] /= image.shape[1]
-    return {"image": image, "boxes": boxes, "crop_size": np.array(9),
+    return {"image": image, "centres": centres, "box_size": np.array(box), "boxes": boxes, "crop_size": np.array(9),
             "small": rng.uniform(-1, 3, (1, 16, 16)).astype(np.float32),  # 16 -> 28 is 128 -> 224's ratio
             "odd": rng.uniform(0, 1, (1, 9, 7)).astype(np.float32)}
 
