@@ -26,7 +26,7 @@ if not (PYTHON.exists() and (SOURCE / "deepprofiler").is_dir()):
     pytest.skip(f"optional DeepProfiler venv missing ({VENV}); build it with `make deepprofiler-venv`",
                 allow_module_level=True)
 
-from morphotype import deep  # noqa: E402
+from morphotype import deep
 
 pytestmark = [pytest.mark.deepprofiler, pytest.mark.slow]
 
@@ -37,7 +37,7 @@ EDGE_CENTRES = [(1.3, 140.6), (382.8, 286.9)]  # (x, y) on the left and bottom-r
 def _helper(*args: str) -> None:
     env = dict(os.environ, DEEPPROFILER_SRC=str(SOURCE), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([str(PYTHON), str(HELPER), *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -45,7 +45,7 @@ def mosaic(crops_dir: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """12 shared crops (first of each phenotype folder) on a 288 x 384 canvas and their (x, y)
     centres, shifted by a fraction of a pixel; then two centres on the image edge."""
     rng = np.random.default_rng(seed)
-    files = [sorted(folder.glob("*.png"))[0] for folder in sorted(p for p in crops_dir.iterdir() if p.is_dir())]
+    files = [min(folder.glob("*.png")) for folder in sorted(p for p in crops_dir.iterdir() if p.is_dir())]
     from skimage.io import imread
 
     canvas = np.zeros((GRID[0] * SPACING, GRID[1] * SPACING), np.uint8)

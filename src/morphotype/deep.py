@@ -47,7 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morphotype.deepprofiler_input import crop_and_resize, deepprofiler_boxes, deepprofiler_network_input
+from morphotype.deepprofiler_input import (
+    crop_and_resize,
+    deepprofiler_boxes,
+    deepprofiler_network_input,
+)
 from morphotype.io import MorphotypeInputError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -223,6 +227,7 @@ class EfficientNetB0(nn.Module):
                              torch.tensor([1 / math.sqrt(s) for s in IMAGENET_STDDEV]).view(1, 3, 1, 1))
         self.normalise = True  # Keras-applications input layers; qubvel's network (DeepProfiler) has none
         self.layout = "random"  # where the weights came from: see load_efficientnet
+        self.fused = False  # BatchNorm folded into the convolutions (inference_copy)
         self.stem_conv = nn.Conv2d(3, 32, 3, stride=2, bias=False)
         self.stem_bn = _keras_bn(32)
         self.block_names: list[str] = []
@@ -254,6 +259,27 @@ class EfficientNetB0(nn.Module):
         for block in self.blocks:
             x = block(x)
         return F.silu(self.top_bn(self.top_conv(x))).mean(dim=(2, 3))
+
+
+def inference_copy(model: EfficientNetB0) -> EfficientNetB0:
+    """A copy for fast CPU inference: every BatchNorm folded into its convolution (torch's
+    ``fuse_conv_bn_eval``; float32 rounding changes at ~1e-6 relative) and channels-last memory,
+    which oneDNN's depthwise convolutions need to be quick."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    pairs = [(fused, "stem_conv", "stem_bn"), (fused, "top_conv", "top_bn")]
+    for block in fused.blocks:
+        pairs += [(block, "dwconv", "bn"), (block, "project_conv", "project_bn")]
+        if block.expand:
+            pairs.append((block, "expand_conv", "expand_bn"))
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, nn.Identity())
+    fused.fused = True
+    return fused.to(memory_format=torch.channels_last)
 
 
 def keras_weight_map(model: EfficientNetB0) -> dict[str, tuple[str, str]]:
@@ -290,6 +316,15 @@ def keras_weight_map(model: EfficientNetB0) -> dict[str, tuple[str, str]]:
     return mapping
 
 
+def _h5_group_weights(group: Any) -> dict[str, np.ndarray]:
+    import h5py
+
+    found: dict[str, np.ndarray] = {}
+    group.visititems(lambda name, item: found.__setitem__(name.split("/")[-1], np.asarray(item))
+                     if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
 def _h5_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """Keras HDF5 weights as {layer: {'kernel:0': array, ...}}: one top-level group per layer
     (under ``model_weights`` in a whole-model file), each weight keyed by its last name part so
@@ -298,15 +333,9 @@ def _h5_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
     try:
         with h5py.File(path, "r") as handle:
-            root = handle["model_weights"] if "model_weights" in handle else handle
-            layers: dict[str, dict[str, np.ndarray]] = {}
-            for layer, group in root.items():
-                found: dict[str, np.ndarray] = {}
-                if isinstance(group, h5py.Group):
-                    group.visititems(lambda name, item: found.__setitem__(name.split("/")[-1], np.asarray(item))
-                                     if isinstance(item, h5py.Dataset) else None)
-                layers[layer] = found
-            return layers
+            root = handle.get("model_weights", handle)
+            return {layer: _h5_group_weights(group) if isinstance(group, h5py.Group) else {}
+                    for layer, group in root.items()}
     except OSError as error:
         raise MorphotypeInputError(f"{path}: not a readable HDF5 weights file ({error})") from error
 
@@ -487,12 +516,13 @@ def efficientnet_features(model: EfficientNetB0, boxes: np.ndarray, *, input_siz
     :func:`network_input`); the recipe also decides whether the Keras input layers apply."""
     from tqdm.auto import tqdm
 
-    model.normalise = recipe == "keras-applications"
+    fast = model if model.fused else inference_copy(model)
+    fast.normalise = recipe == "keras-applications"
     out = np.zeros((len(boxes), EFFICIENTNET_FEATURES), dtype=np.float32)
     with torch.inference_mode():
         for start in tqdm(range(0, len(boxes), batch_size), desc="EfficientNet-B0", disable=not progress):
             batch = network_input(boxes[start:start + batch_size], recipe, input_size)
-            out[start:start + batch_size] = model(batch).numpy()
+            out[start:start + batch_size] = fast(batch.contiguous(memory_format=torch.channels_last)).numpy()
     return out
 
 
@@ -554,6 +584,7 @@ def deep_features(
 
     model = load_efficientnet(weights, random_state=random_state)
     recipe = resolve_recipe(recipe, model, weights)
+    fast = inference_copy(model)
     if recipe == "deepprofiler" and pad_mode != "constant":
         raise MorphotypeInputError(f"pad_mode {pad_mode!r}: the deepprofiler recipe fills outside the image "
                                    f"with zeros (crop_and_resize); use pad_mode 'constant'")
@@ -562,7 +593,7 @@ def deep_features(
             values = np.zeros((len(table), EFFICIENTNET_FEATURES), dtype=np.float32)
             with tqdm(total=len(table), desc="EfficientNet-B0", disable=not progress) as bar:
                 for rows, crops in deepprofiler_crop_batches(table, box_size, batch_size):
-                    values[rows] = efficientnet_features(model, crops, input_size=input_size,
+                    values[rows] = efficientnet_features(fast, crops, input_size=input_size,
                                                          batch_size=batch_size, recipe=recipe, progress=False)
                     bar.update(len(rows))
             constant = int(np.isnan(values).any(axis=1).sum())
@@ -570,7 +601,7 @@ def deep_features(
                 log.warning("%d cell(s) with a constant box have NaN features, as in DeepProfiler", constant)
         else:
             boxes = table_boxes(table, box_size, pad_mode=pad_mode, progress=progress)
-            values = efficientnet_features(model, boxes, input_size=input_size, batch_size=batch_size,
+            values = efficientnet_features(fast, boxes, input_size=input_size, batch_size=batch_size,
                                            recipe=recipe, progress=progress)
     features = pd.DataFrame(values, columns=[f"{DP_PREFIX}{i}" for i in range(values.shape[1])])
     features.insert(0, CELL_ID, table[CELL_ID].to_numpy())
