@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint nflint-venv cellprofiler-venv clean
+.PHONY: install demo test lint nflint-venv cellprofiler-venv deepprofiler-venv clean
 
 install: $(STAMP)
 
@@ -56,6 +56,24 @@ $(CPVENV)/.installed:
 	$(CPVENV)/bin/pip install --quiet cellprofiler-core-nightly==5.0.0.dev784 cellprofiler-library-nightly==5.0.0.dev784
 	$(CPVENV)/bin/pip install --quiet --no-deps cellprofiler-nightly==5.0.0.dev784
 	$(CPVENV)/bin/pip install --quiet docutils==0.15.2 Jinja2 "sentry-sdk~=2.8.0" rapidfuzz
+	touch $@
+
+# Optional: DeepProfiler at the study's commit on tensorflow-cpu 2.15.1, for the DP parity test
+# (tests/test_deepprofiler_parity.py); never in the main venv. DEEPPROFILER_SRC: any git URL or
+# local clone holding that commit (the PyPI wheel lacks plugins/). pandas 1.5: DeepProfiler passes
+# read_csv's delimiter positionally.
+DPVENV := .venv-deepprofiler
+DEEPPROFILER_SRC ?= https://github.com/cytomining/DeepProfiler.git
+DEEPPROFILER_COMMIT := 2fb3ed3027cded6676b7e409687322ef67491ec7
+deepprofiler-venv: $(DPVENV)/.installed
+$(DPVENV)/.installed:
+	$(PYTHON) -m venv $(DPVENV)
+	$(DPVENV)/bin/pip install --quiet tensorflow-cpu==2.15.1 pandas==1.5.3 scipy==1.12.0 scikit-image==0.24.0 \
+		click==8.1.7 tqdm==4.70.1 beautifulsoup4==4.15.0
+	$(DPVENV)/bin/pip install --quiet --no-deps efficientnet==1.1.1 keras_applications==1.0.8
+	rm -rf $(DPVENV)/DeepProfiler
+	git clone --quiet --no-checkout $(DEEPPROFILER_SRC) $(DPVENV)/DeepProfiler
+	git -C $(DPVENV)/DeepProfiler checkout --quiet $(DEEPPROFILER_COMMIT)
 	touch $@
 
 clean:

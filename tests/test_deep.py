@@ -1,6 +1,9 @@
-"""Deep nucleus features: boxes, EfficientNet-B0 (Keras weight mapping), in-domain SSL encoder."""
+"""Deep nucleus features: boxes, DeepProfiler's resampling (against values recorded from
+TensorFlow), EfficientNet-B0 (both Keras weight layouts, recipes), in-domain SSL encoder."""
 
 import inspect
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,7 +11,11 @@ import pytest
 import torch
 
 from morphotype import deep
+from morphotype import deepprofiler_input as dpi
 from morphotype.io import MorphotypeInputError
+
+# Recorded by tests/deepprofiler_reference.py (tensorflow-cpu 2.15.1) in the opt-in parity run
+RECORDED = Path(__file__).parent / "data" / "deepprofiler_resampling.npz"
 
 torch.set_num_threads(1)
 
@@ -52,10 +59,57 @@ def test_efficientnet_input_repeats_channel_and_resizes_like_tf():
     np.testing.assert_allclose(x[0, 0].numpy(), expected, atol=1e-4)
 
 
+# ------------------------------------------------------------------------------ DeepProfiler's resampling
+
+def test_deepprofiler_boxes_and_crop_and_resize_match_tensorflow():
+    recorded = np.load(RECORDED)
+    assert str(recorded["tensorflow"]) == "2.15.1"
+    image = recorded["image"]
+    boxes = dpi.deepprofiler_boxes(recorded["centres"], float(recorded["box_size"]), image.shape)
+    np.testing.assert_array_equal(boxes, recorded["boxes"])  # same float32 boxes as DeepProfiler's numpy
+    crops = dpi.crop_and_resize(image, boxes, int(recorded["crop_size"]))
+    expected = recorded["crop_and_resize"]
+    assert crops.dtype == np.float32 and crops.shape == expected.shape == (6, 9, 9)
+    np.testing.assert_allclose(crops, expected, rtol=0, atol=1e-4)  # pixels up to 255: float32 rounding
+    # boxes across the edges: whole rows and columns outside the image are 0, as in TensorFlow
+    assert (expected[1, :4] == 0).all() and (expected[1, :, :4] == 0).all() and (crops[1, :4] == 0).all()
+    # fractional geometry, not an integer cut around a rounded centre
+    assert not np.isin(expected[0], image).all()
+
+
+def test_legacy_resize_matches_tensorflow_without_half_pixel_centres():
+    recorded = np.load(RECORDED)
+    small = dpi.resize_bilinear_legacy(recorded["small"], 28)  # 16 -> 28 is 128 -> 224's ratio
+    np.testing.assert_allclose(small, recorded["resize_small"], rtol=0, atol=1e-5)
+    odd = dpi.resize_bilinear_legacy(recorded["odd"], (14, 12))
+    np.testing.assert_allclose(odd, recorded["resize_odd"], rtol=0, atol=1e-5)
+    # legacy grid: output pixel 0 is input pixel 0 (half-pixel centres would blend pixels 0 and 1)
+    np.testing.assert_array_equal(small[:, 0, 0], recorded["small"][:, 0, 0])
+    torch_half_pixel = torch.nn.functional.interpolate(torch.from_numpy(recorded["small"])[:, None], size=(28, 28),
+                                                       mode="bilinear", align_corners=False)[:, 0].numpy()
+    assert np.abs(torch_half_pixel - recorded["resize_small"]).max() > 0.1
+
+
+def test_deepprofiler_network_input_scaling():
+    rng = np.random.default_rng(0)
+    crops = rng.uniform(0, 200, (3, 16, 16)).astype(np.float32)
+    x = dpi.deepprofiler_network_input(crops, 28)
+    assert x.shape == (3, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x.min(axis=(1, 2)), -1) and np.testing.assert_allclose(x.max(axis=(1, 2)), 1)
+    # per-crop min-max: a crop's brightness and offset do not matter
+    np.testing.assert_allclose(dpi.deepprofiler_network_input(crops * 3 + 7, 28), x, atol=1e-5)
+    tensor = deep.network_input(crops, "deepprofiler", 28)
+    assert tensor.shape == (3, 3, 28, 28) and torch.equal(tensor[:, 0], tensor[:, 2])
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(dpi.deepprofiler_network_input(np.ones((1, 4, 4), np.float32), 8)).all()  # as DeepProfiler
+
+
 # ------------------------------------------------------------------------------ EfficientNet
 
-def _synthetic_keras_h5(path, seed=0):
-    """A file with the Keras EfficientNetB0 layer names and (Keras-ordered) shapes."""
+def _synthetic_keras_h5(path, seed=0, layout="keras-applications"):
+    """A file with the Keras EfficientNetB0 layer names and (Keras-ordered) shapes; the
+    Keras-applications layout has a ``normalization`` layer, DeepProfiler's (qubvel) has none, a
+    ``probs`` head, and a graph-mode weight name (``stem_conv_1/kernel:0``)."""
     import h5py
 
     rng = np.random.default_rng(seed)
@@ -72,17 +126,21 @@ def _synthetic_keras_h5(path, seed=0):
         if keras_name.endswith("moving_variance:0"):
             value = rng.uniform(0.5, 1.5, shape)
         arrays[keras_name] = value.astype(np.float32)
-    arrays["normalization/mean:0"] = np.array([0.4, 0.5, 0.6], np.float32)
-    arrays["normalization/variance:0"] = np.array([0.2, 0.25, 0.3], np.float32)
+    if layout == "keras-applications":
+        arrays["normalization/mean:0"] = np.array([0.4, 0.5, 0.6], np.float32)
+        arrays["normalization/variance:0"] = np.array([0.2, 0.25, 0.3], np.float32)
+    else:
+        arrays["probs/kernel:0"] = rng.normal(0, 0.1, (1280, 4)).astype(np.float32)
     with h5py.File(path, "w") as handle:  # Keras 2 save_weights layout: layer/layer/weight:0
         layers = sorted({name.split("/")[0] for name in arrays})
         handle.attrs["layer_names"] = np.array([n.encode() for n in layers])
         for layer in layers:
             group = handle.create_group(layer)
             names = [n for n in arrays if n.startswith(layer + "/")]
-            group.attrs["weight_names"] = np.array([n.encode() for n in names])
-            for name in names:
-                group.create_dataset(name, data=arrays[name])
+            stored = [n.replace("stem_conv/", "stem_conv_1/") if layout != "keras-applications" else n for n in names]
+            group.attrs["weight_names"] = np.array([n.encode() for n in stored])
+            for name, as_stored in zip(names, stored):
+                group.create_dataset(as_stored, data=arrays[name])
     return arrays
 
 
@@ -140,8 +198,53 @@ def test_keras_h5_with_missing_layers_is_refused(tmp_path):
 
     with h5py.File(tmp_path / "other.h5", "w") as handle:
         handle.create_dataset("dense/dense/kernel:0", data=np.zeros((2, 2)))
-    with pytest.raises(MorphotypeInputError, match="not a Keras EfficientNetB0"):
+    with pytest.raises(MorphotypeInputError, match="not a Keras EfficientNetB0.*DeepProfiler"):
         deep.load_efficientnet(tmp_path / "other.h5")
+    with h5py.File(tmp_path / "keras3.weights.h5", "w") as handle:  # Keras 3: layers/<name>/vars/0
+        handle.create_dataset("layers/stem_conv/vars/0", data=np.zeros((3, 3, 3, 32)))
+    with pytest.raises(MorphotypeInputError, match="not a Keras EfficientNetB0"):
+        deep.load_efficientnet(tmp_path / "keras3.weights.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(MorphotypeInputError, match="text.h5"):
+        deep.load_efficientnet(tmp_path / "text.h5")
+
+
+def test_deepprofiler_layout_loads_and_picks_its_recipe(tmp_path):
+    arrays = _synthetic_keras_h5(tmp_path / "dp.h5", layout="deepprofiler")
+    model = deep.load_efficientnet(tmp_path / "dp.h5")
+    assert model.layout == "deepprofiler"
+    np.testing.assert_array_equal(model.stem_conv.weight.detach().numpy(),  # read despite the _1 suffix
+                                  arrays["stem_conv/kernel:0"].transpose(3, 2, 0, 1))
+    assert deep.resolve_recipe(None, model, "dp.h5") == "deepprofiler"
+    with pytest.raises(MorphotypeInputError, match="no ImageNet normalisation"):
+        deep.resolve_recipe("keras-applications", model, "dp.h5")
+    with pytest.raises(MorphotypeInputError, match="recipe must be one of"):
+        deep.resolve_recipe("imagenet", model, "dp.h5")
+    keras = deep.load_efficientnet(_keras_file(tmp_path))
+    assert keras.layout == "keras-applications" and deep.resolve_recipe(None, keras, "k.h5") == "keras-applications"
+    # qubvel's network takes the [-1, 1] input as it is; Keras's applies its normalisation first
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        model.normalise = False
+        stem = model.stem(x)
+        model.normalise = True
+        assert not torch.allclose(model.stem(x), stem)
+
+
+def _keras_file(tmp_path):
+    _synthetic_keras_h5(tmp_path / "keras.h5")
+    return tmp_path / "keras.h5"
+
+
+def test_keras_applications_file_without_normalisation_constants_is_refused(tmp_path):
+    import h5py
+
+    path = _keras_file(tmp_path)
+    with h5py.File(path, "a") as handle:
+        del handle["normalization"]
+        handle.create_group("rescaling")  # still the Keras-applications layout, constants gone
+    with pytest.raises(MorphotypeInputError, match="without the normalisation layer's mean and variance"):
+        deep.load_efficientnet(path)
 
 
 def test_refuses_without_weights(tmp_path):
@@ -182,6 +285,47 @@ def test_deep_features_naming_determinism_and_checkpoint(cell_table, tmp_path):
     torch.save(deep.load_efficientnet("random", random_state=3).state_dict(), tmp_path / "b0.pt")
     loaded = deep.deep_features(cell_table, weights=tmp_path / "b0.pt", **kwargs)
     pd.testing.assert_frame_equal(first, loaded)
+    assert first.attrs["card"]["recipe"] == "keras-applications" and loaded.attrs["card"]["weights_layout"] == "torch"
+    assert len(loaded.attrs["card"]["weights_sha256"]) == 64
+
+
+def test_deepprofiler_recipe_keeps_fractional_centres(cell_table, tmp_path):
+    _synthetic_keras_h5(tmp_path / "dp.h5", layout="deepprofiler")
+    kwargs = dict(weights=tmp_path / "dp.h5", box_size=16, input_size=32, batch_size=2, progress=False)
+    shifted = cell_table.assign(Nuclei_Location_Center_X=cell_table["Nuclei_Location_Center_X"] + 0.3)
+    first = deep.deep_features(cell_table, **kwargs)
+    card = first.attrs["card"]
+    assert card["recipe"] == "deepprofiler" and card["weights_layout"] == "deepprofiler"
+    assert card["weights"] == str(tmp_path / "dp.h5") and card["fill"].startswith("zeros")
+    values, moved = first.iloc[:, 1:].to_numpy(), deep.deep_features(shifted, **kwargs).iloc[:, 1:].to_numpy()
+    assert np.isfinite(values).all() and not np.allclose(values, moved, rtol=1e-4, atol=0)
+    # the Keras-applications recipe cuts integer boxes: a 0.3-pixel shift rounds away
+    keras = dict(kwargs, weights="random")
+    np.testing.assert_array_equal(deep.deep_features(cell_table, **keras).iloc[:, 1:],
+                                  deep.deep_features(shifted, **keras).iloc[:, 1:])
+    # batches spanning images give the same features as one cell at a time (to float32 kernel rounding)
+    one_by_one = deep.deep_features(cell_table, **dict(kwargs, batch_size=1)).iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(one_by_one, values, rtol=0, atol=1e-5 * np.abs(values).max())
+    with pytest.raises(MorphotypeInputError, match="fills outside the image with zeros"):
+        deep.deep_features(cell_table, pad_mode="edge", **kwargs)
+    outside = cell_table.assign(Nuclei_Location_Center_Y=cell_table["Nuclei_Location_Center_Y"] + 100)
+    with pytest.raises(MorphotypeInputError, match="outside the image"):
+        deep.deep_features(outside, **kwargs)
+
+
+def test_cli_recipe_option_and_card(cell_table, tmp_path):
+    from morphotype.cli import main
+
+    _synthetic_keras_h5(tmp_path / "dp.h5", layout="deepprofiler")
+    cell_table.to_parquet(tmp_path / "cells.parquet")
+    out = tmp_path / "cells.dp.parquet"
+    common = ["deep-features", "--features", str(tmp_path / "cells.parquet"), "--weights", str(tmp_path / "dp.h5"),
+              "--out", str(out), "--box-size", "16", "--batch-size", "4"]
+    assert main(common + ["--recipe", "keras-applications"]) == 2 and not out.exists()
+    assert main(common) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["recipe"] == "deepprofiler" and card["weights"] == str(tmp_path / "dp.h5")
+    assert pd.read_parquet(out).filter(like="DP__efficientnet_").shape == (6, 1280)
 
 
 # ------------------------------------------------------------------------------ SSL encoder

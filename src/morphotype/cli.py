@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         "deep-features",
         help="add deep features to a single-cell table: EfficientNet-B0 (DeepProfiler) or a trained encoder",
         description="DP__efficientnet_0..1279 from EfficientNet-B0's avg_pool on a box around each nucleus "
-        "(--weights: Keras ImageNet .h5 or torch state dict; nothing is downloaded), or SSL__* from an encoder "
-        "written by 'morphotype encoder train' (--encoder). Columns are joined by Metadata_CellID.",
+        "(--weights: Keras .h5 in DeepProfiler's or the Keras-applications layout, or a torch state dict; nothing "
+        "is downloaded; --recipe: 'deepprofiler' reproduces DeepProfiler's input pipeline), or SSL__* from an "
+        "encoder written by 'morphotype encoder train' (--encoder). Columns are joined by Metadata_CellID; "
+        "OUT.card.json records the recipe and weights.",
         epilog="Example: morphotype deep-features --features single_cells.parquet --weights "
         "efficientnetb0_notop.h5 --out single_cells.dp.parquet",
         formatter_class=_Formatter,
@@ -340,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     deep.add_argument("--images", type=Path, default=None,
                       help="read each image by file name from this folder instead of Metadata_Image's path "
                       "(staged task folders, object-store work directories)")
+    deep.add_argument("--recipe", choices=["deepprofiler", "keras-applications"], default=None,
+                      help="EfficientNet input recipe (default: deepprofiler for DeepProfiler-layout weights, "
+                      "else keras-applications)")
     deep.add_argument("--box-size", type=int, default=D["deep_box_size"], help="EfficientNet: box around each nucleus in pixels")
     deep.add_argument("--pad-mode", choices=["constant", "edge", "reflect", "symmetric"], default="constant",
                       help="how boxes reaching past the image border are filled")
@@ -586,11 +591,20 @@ def _command_deep_features(args) -> str:
         added = deep.ssl_features(located, deep.load_encoder(args.encoder), pad_mode=args.pad_mode,
                                   batch_size=args.batch_size)
     else:
-        added = deep.deep_features(located, weights=args.weights, box_size=args.box_size, pad_mode=args.pad_mode,
-                                   batch_size=args.batch_size, random_state=args.seed)
+        added = deep.deep_features(located, weights=args.weights, recipe=args.recipe, box_size=args.box_size,
+                                   pad_mode=args.pad_mode, batch_size=args.batch_size, random_state=args.seed)
     clash = [c for c in added.columns[1:] if c in table.columns]
     joined = table.drop(columns=clash).merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
     write_table(joined, args.out)
+    if "card" in added.attrs:
+        import json
+
+        from morphotype.io import atomic_path
+
+        with atomic_path(Path(f"{args.out}.card.json")) as tmp:
+            tmp.write_text(json.dumps(added.attrs["card"], indent=2) + "\n")
+        return (f"{added.shape[1] - 1} deep features ({added.attrs['card']['recipe']} recipe) for {len(added)} "
+                f"cells in {args.out}; card in {args.out}.card.json")
     return f"{added.shape[1] - 1} deep features for {len(added)} cells in {args.out}"
 
 

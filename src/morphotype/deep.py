@@ -1,29 +1,36 @@
-"""Deep nucleus features: DeepProfiler-compatible EfficientNet-B0 embeddings and an in-domain
-self-supervised encoder trained offline on nucleus crops.
+"""Deep nucleus features: EfficientNet-B0 embeddings (DeepProfiler's recipe or the
+Keras-applications one) and an in-domain self-supervised encoder trained offline on nucleus crops.
 
 Two extractors, both keyed by ``Metadata_CellID``:
 
-* :func:`deep_features` -- DeepProfiler's profiling recipe: a ``box_size`` box centred on each
-  nucleus (out-of-image pixels padded, ``constant`` = 0 like ``tf.image.crop_and_resize``'s
-  extrapolation value), optionally masked to the object, the grey channel repeated to RGB,
-  bilinear resize to 224 (half-pixel centres, as ``tf.image.resize``), Keras ``EfficientNetB0``
-  up to its ``avg_pool`` layer -> ``DP__efficientnet_0..1279``. Weights come from a file: a Keras
-  ImageNet ``.h5`` (``efficientnetb0_notop.h5``) or a torch state dict; there is no download and
-  no silent random fallback (``weights="random"`` is for tests only).
+* :func:`deep_features` -- EfficientNet-B0 up to ``avg_pool`` -> ``DP__efficientnet_0..1279``,
+  with one of two input recipes (:data:`RECIPES`):
+
+  - ``"deepprofiler"`` reproduces DeepProfiler's profiling (cytomining/DeepProfiler at the study's
+    commit 2fb3ed3, network = qubvel's ``efficientnet.tfkeras`` B0): ``tf.image.crop_and_resize``
+    boxes ``[c +- box/2] / size`` around the fractional centre with zeros outside, ``(x - min) /
+    max`` per crop, the legacy bilinear resize to 224 (no half-pixel centres), grey repeated to RGB,
+    min-max to [-1, 1] per crop, no ImageNet normalisation (:mod:`morphotype.deepprofiler_input`).
+    It is the default for checkpoints in DeepProfiler's layout and matches DeepProfiler's own code
+    to ~1e-6 relative (``tests/test_deepprofiler_parity.py``).
+  - ``"keras-applications"``: an integer box around the rounded centre (out-of-image pixels
+    padded, ``constant`` = 0), pixels to 0-255 (integer images divided by their dtype maximum),
+    bilinear resize with half-pixel centres (``tf.image.resize``), then the Keras model's own input
+    layers: ``Rescaling(1/255)``, ``Normalization(mean, variance)`` and, as Keras does for ImageNet
+    weights, ``Rescaling(1/sqrt(IMAGENET_STDDEV))``. The mean and variance must come from the
+    file's ``normalization`` layer (or a torch state dict); nothing falls back to shipped values.
+
+  Weights come from a file: a Keras ``.h5`` in either layout (:func:`load_keras_h5`) or a torch
+  state dict; there is no download and no silent random fallback (``weights="random"`` is for
+  tests only). The returned table's ``attrs["card"]`` records the recipe and the weights.
 * :func:`train_encoder` / :func:`ssl_features` -- a small CNN trained with SimCLR (NT-Xent) on
   unlabelled crops with microscopy-safe augmentations -> ``SSL__0..D-1``. Training sees pixels
   only: it has no label argument.
-
-Preprocessing assumption (EfficientNet): images are brought to the 0-255 range (integer images
-are divided by their dtype maximum then multiplied by 255; float images are taken as 0-1), then
-the Keras model's own input layers apply ``Rescaling(1/255)``, ``Normalization(mean, variance)``
-and, as Keras does for ImageNet weights, ``Rescaling(1/sqrt(IMAGENET_STDDEV))``. The mean and
-variance come from the .h5 when it holds the ``normalization`` layer, else Keras's shipped values
-(mean = ImageNet mean, "variance" = ImageNet stddev, so the net effect is ``(x/255 - mean)/std``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,6 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from morphotype.columns import CELL_ID, CENTRE_X, CENTRE_Y, IMAGE, IMAGE_ID
+from morphotype.deepprofiler_input import (
+    crop_and_resize,
+    deepprofiler_boxes,
+    deepprofiler_network_input,
+)
 from morphotype.io import MorphotypeInputError, atomic_path, read_image
 from morphotype.models import prepare_data, split_cells
 from morphotype.versions import software_versions
@@ -53,6 +65,15 @@ IMAGENET_STDDEV = (0.229, 0.224, 0.225)
 EFFICIENTNET_FEATURES = 1280
 BN_EPSILON = 1e-3  # Keras BatchNormalization default, used by EfficientNet
 PAD_MODES = ("constant", "edge", "reflect", "symmetric")
+RECIPES = {
+    "deepprofiler": "DeepProfiler 2fb3ed3 profiling: crop_and_resize [c +- box/2]/size (zeros outside), "
+                    "(x - min)/max, legacy bilinear resize (no half-pixel centres), min-max to [-1, 1]",
+    "keras-applications": "integer box around the rounded centre, 0-255, bilinear resize (half-pixel "
+                          "centres), Keras Rescaling + ImageNet Normalization",
+}
+# Layers only the Keras-applications EfficientNetB0 has (qubvel's pads with 'same' and has no
+# input scaling); their presence tells the two .h5 layouts apart.
+KERAS_APPLICATIONS_ONLY = ("normalization", "rescaling", "stem_conv_pad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +211,10 @@ class MBConv(nn.Module):
 
 
 class EfficientNetB0(nn.Module):
-    """Feature extractor returning Keras ``avg_pool`` (1,280 values) from 0-255 RGB input."""
+    """Feature extractor returning ``avg_pool`` (1,280 values): from 0-255 RGB through the Keras
+    input layers when ``normalise`` (Keras applications), else straight from the given input
+    (qubvel's network, as DeepProfiler feeds it). For 224-pixel input the two Keras networks pad
+    their stride-2 convolutions alike (even sizes: ``correct_pad`` equals TensorFlow's 'same')."""
 
     def __init__(self):
         super().__init__()
@@ -199,6 +223,9 @@ class EfficientNetB0(nn.Module):
         self.register_buffer("norm_variance", torch.tensor(IMAGENET_STDDEV).view(1, 3, 1, 1))
         self.register_buffer("imagenet_rescale",
                              torch.tensor([1 / math.sqrt(s) for s in IMAGENET_STDDEV]).view(1, 3, 1, 1))
+        self.normalise = True  # Keras-applications input layers; qubvel's network (DeepProfiler) has none
+        self.layout = "random"  # where the weights came from: see load_efficientnet
+        self.fused = False  # BatchNorm folded into the convolutions (inference_copy)
         self.stem_conv = nn.Conv2d(3, 32, 3, stride=2, bias=False)
         self.stem_bn = _keras_bn(32)
         self.block_names: list[str] = []
@@ -222,13 +249,35 @@ class EfficientNetB0(nn.Module):
         return x * self.imagenet_rescale
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.stem_bn(self.stem_conv(_correct_pad(self.preprocess(x), 3))))
+        x = self.preprocess(x) if self.normalise else x
+        return F.silu(self.stem_bn(self.stem_conv(_correct_pad(x, 3))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
         return F.silu(self.top_bn(self.top_conv(x))).mean(dim=(2, 3))
+
+
+def inference_copy(model: EfficientNetB0) -> EfficientNetB0:
+    """A copy for fast CPU inference: every BatchNorm folded into its convolution (torch's
+    ``fuse_conv_bn_eval``; float32 rounding changes at ~1e-6 relative) and channels-last memory,
+    which oneDNN's depthwise convolutions need to be quick."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    pairs = [(fused, "stem_conv", "stem_bn"), (fused, "top_conv", "top_bn")]
+    for block in fused.blocks:
+        pairs += [(block, "dwconv", "bn"), (block, "project_conv", "project_bn")]
+        if block.expand:
+            pairs.append((block, "expand_conv", "expand_bn"))
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, nn.Identity())
+    fused.fused = True
+    return fused.to(memory_format=torch.channels_last)
 
 
 def keras_weight_map(model: EfficientNetB0) -> dict[str, tuple[str, str]]:
@@ -265,30 +314,52 @@ def keras_weight_map(model: EfficientNetB0) -> dict[str, tuple[str, str]]:
     return mapping
 
 
-def _h5_datasets(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of a Keras .h5 keyed by its last two path parts ('layer/weight:0')."""
+def _h5_group_weights(group: Any) -> dict[str, np.ndarray]:
     import h5py
 
     found: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as handle:
-        def visit(name: str, item: Any) -> None:
-            if isinstance(item, h5py.Dataset):
-                found["/".join(name.split("/")[-2:])] = np.asarray(item)
-        handle.visititems(visit)
+    group.visititems(lambda name, item: found.__setitem__(name.split("/")[-1], np.asarray(item))
+                     if isinstance(item, h5py.Dataset) else None)
     return found
 
 
+def _h5_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Keras HDF5 weights as {layer: {'kernel:0': array, ...}}: one top-level group per layer
+    (under ``model_weights`` in a whole-model file), each weight keyed by its last name part so
+    that graph-mode suffixes (``stem_conv_1/kernel:0``) do not matter."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            root = handle.get("model_weights", handle)
+            return {layer: _h5_group_weights(group) if isinstance(group, h5py.Group) else {}
+                    for layer, group in root.items()}
+    except OSError as error:
+        raise MorphotypeInputError(f"{path}: not a readable HDF5 weights file ({error})") from error
+
+
+def checkpoint_layout(layers: dict[str, dict[str, np.ndarray]]) -> str:
+    """``"keras-applications"`` when the file has the Keras-applications input or padding layers,
+    else ``"deepprofiler"`` (qubvel's ``efficientnet``, the network DeepProfiler builds)."""
+    return "keras-applications" if any(name in layers for name in KERAS_APPLICATIONS_ONLY) else "deepprofiler"
+
+
 def load_keras_h5(model: EfficientNetB0, path: str | os.PathLike) -> EfficientNetB0:
-    """Fill ``model`` from a Keras ``EfficientNetB0`` weights file (``save_weights`` HDF5 layout)."""
+    """Fill ``model`` from a Keras EfficientNet-B0 HDF5 file (``save_weights`` or ``save``) in the
+    Keras-applications layout or DeepProfiler's (qubvel ``efficientnet``: ``stem_conv/stem_conv/
+    kernel:0`` ..., no input scaling layers); sets ``model.layout``. Anything else is refused, and
+    a Keras-applications file without its ``normalization`` mean and variance too."""
     path = Path(path)
-    weights = _h5_datasets(path)
+    layers = _h5_layers(path)
+    layout = checkpoint_layout(layers)
     state = model.state_dict()
     missing = []
     for torch_name, (keras_name, kind) in keras_weight_map(model).items():
-        if keras_name not in weights:
+        layer, weight = keras_name.split("/")
+        if weight not in layers.get(layer, {}):
             missing.append(keras_name)
             continue
-        value = torch.from_numpy(np.ascontiguousarray(weights[keras_name], dtype=np.float32))
+        value = torch.from_numpy(np.ascontiguousarray(layers[layer][weight], dtype=np.float32))
         if kind == "conv":  # Keras (kh, kw, in, out) -> torch (out, in, kh, kw)
             value = value.permute(3, 2, 0, 1)
         elif kind == "depthwise":  # Keras (kh, kw, channels, 1) -> torch (channels, 1, kh, kw)
@@ -298,22 +369,32 @@ def load_keras_h5(model: EfficientNetB0, path: str | os.PathLike) -> EfficientNe
                                        f"transposing, expected {tuple(state[torch_name].shape)}")
         state[torch_name] = value.contiguous()
     if missing:
-        raise MorphotypeInputError(f"{path} is not a Keras EfficientNetB0 weights file: {len(missing)} "
-                                   f"weights missing, e.g. {missing[:3]}")
-    for ours, theirs in (("norm_mean", "normalization/mean:0"), ("norm_variance", "normalization/variance:0")):
-        if theirs in weights:
-            state[ours] = torch.from_numpy(np.asarray(weights[theirs], dtype=np.float32)).view(1, 3, 1, 1)
+        raise MorphotypeInputError(
+            f"{path} is not a Keras EfficientNetB0 weights file in the Keras-applications or DeepProfiler "
+            f"(qubvel efficientnet) layout: {len(missing)} weights missing, e.g. {missing[:3]}")
+    if layout == "keras-applications":
+        constants = layers.get("normalization", {})
+        if not {"mean:0", "variance:0"} <= constants.keys():
+            raise MorphotypeInputError(
+                f"{path}: Keras-applications EfficientNetB0 file without the normalisation layer's mean and "
+                f"variance; refusing to guess them (re-save the model with its normalization layer)")
+        for ours, theirs in (("norm_mean", "mean:0"), ("norm_variance", "variance:0")):
+            state[ours] = torch.from_numpy(np.asarray(constants[theirs], dtype=np.float32)).view(1, 3, 1, 1)
     model.load_state_dict(state)
+    model.layout = layout
     return model
 
 
 def load_efficientnet(weights: str | os.PathLike | None, *, random_state: int = 0) -> EfficientNetB0:
-    """An EfficientNet-B0 in eval mode with ``weights``: a Keras ``.h5``, a torch state dict, or
-    ``"random"`` (tests only). ``None`` refuses: random features would look like real ones."""
+    """An EfficientNet-B0 in eval mode with ``weights``: a Keras ``.h5`` (either layout, see
+    :func:`load_keras_h5`), a torch state dict, or ``"random"`` (tests only). ``None`` refuses:
+    random features would look like real ones. ``model.layout`` says which kind was read
+    (``"deepprofiler"``, ``"keras-applications"``, ``"torch"``, ``"random"``)."""
     if weights is None or str(weights) == "":
         raise MorphotypeInputError(
-            "deep features need EfficientNet-B0 weights: pass a Keras ImageNet file "
-            "(efficientnetb0_notop.h5) or a torch state dict (.pt); nothing is downloaded")
+            "deep features need EfficientNet-B0 weights: pass a Keras .h5 (DeepProfiler's "
+            "efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment.h5 or Keras's efficientnetb0_notop.h5) "
+            "or a torch state dict (.pt); nothing is downloaded")
     torch.manual_seed(random_state)
     model = EfficientNetB0()
     if str(weights) == "random":
@@ -330,7 +411,25 @@ def load_efficientnet(weights: str | os.PathLike | None, *, random_state: int = 
                 model.load_state_dict(state)
             except Exception as error:  # noqa: BLE001 -- re-raised with the file named
                 raise MorphotypeInputError(f"{path}: not a torch EfficientNetB0 state dict ({error})") from error
+            model.layout = "torch"
     return model.eval()
+
+
+def resolve_recipe(recipe: str | None, model: EfficientNetB0, weights: Any) -> str:
+    """The input recipe for ``model``: ``recipe`` if given, else ``"deepprofiler"`` for a
+    DeepProfiler-layout checkpoint and ``"keras-applications"`` otherwise. A DeepProfiler-layout
+    checkpoint holds no ImageNet normalisation, so it refuses the Keras-applications recipe."""
+    if recipe is not None and recipe not in RECIPES:
+        raise MorphotypeInputError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    chosen = recipe or ("deepprofiler" if model.layout == "deepprofiler" else "keras-applications")
+    if chosen == "keras-applications" and model.layout == "deepprofiler":
+        raise MorphotypeInputError(
+            f"{weights}: a DeepProfiler-layout checkpoint has no ImageNet normalisation constants, which the "
+            f"keras-applications recipe needs; use recipe 'deepprofiler' (its default)")
+    if chosen == "deepprofiler" and model.layout == "keras-applications":
+        log.warning("%s: Keras-applications weights under the deepprofiler recipe; their input normalisation "
+                    "is not applied", weights)
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,23 +482,69 @@ class _Deterministic:
         return False
 
 
+def network_input(boxes: np.ndarray, recipe: str, input_size: int = 224) -> torch.Tensor:
+    """(N, 3, input_size, input_size) network input of grey boxes under ``recipe``: integer boxes
+    of :func:`table_boxes` for ``"keras-applications"`` (0-255, see :func:`efficientnet_input`),
+    float crops of :func:`~morphotype.deepprofiler_input.crop_and_resize` for ``"deepprofiler"``."""
+    if recipe == "deepprofiler":
+        return torch.from_numpy(deepprofiler_network_input(boxes, input_size))[:, None].repeat(1, 3, 1, 1)
+    return efficientnet_input(boxes, input_size)
+
+
 def efficientnet_features(model: EfficientNetB0, boxes: np.ndarray, *, input_size: int = 224,
-                          batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """(N, 1280) ``avg_pool`` features for grey boxes (N, h, w)."""
+                          batch_size: int = 32, recipe: str = "keras-applications",
+                          progress: bool = True) -> np.ndarray:
+    """(N, 1280) ``avg_pool`` features for grey boxes (N, h, w) under ``recipe`` (see
+    :func:`network_input`); the recipe also decides whether the Keras input layers apply."""
     from tqdm.auto import tqdm
 
+    fast = model if model.fused else inference_copy(model)
+    fast.normalise = recipe == "keras-applications"
     out = np.zeros((len(boxes), EFFICIENTNET_FEATURES), dtype=np.float32)
     with torch.inference_mode():
         for start in tqdm(range(0, len(boxes), batch_size), desc="EfficientNet-B0", disable=not progress):
-            batch = efficientnet_input(boxes[start:start + batch_size], input_size)
-            out[start:start + batch_size] = model(batch).numpy()
+            batch = network_input(boxes[start:start + batch_size], recipe, input_size)
+            out[start:start + batch_size] = fast(batch.contiguous(memory_format=torch.channels_last)).numpy()
     return out
+
+
+def deepprofiler_crop_batches(table: pd.DataFrame, box_size: int, batch_size: int):
+    """Yield ``(row positions, crops)`` of about ``batch_size`` cells: DeepProfiler's boxes around
+    the fractional centres, cut by ``crop_and_resize`` (zeros outside), one image read at a time."""
+    _check_cell_table(table)
+    positions = pd.Series(np.arange(len(table)), index=table.index)
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    for path, rows in table.groupby(IMAGE, sort=False):
+        image = read_image(path)
+        centres = rows[[CENTRE_X, CENTRE_Y]].to_numpy(dtype=float)
+        outside = (centres < 0).any(axis=1) | (centres[:, 0] > image.shape[1]) | (centres[:, 1] > image.shape[0])
+        if outside.any():
+            raise MorphotypeInputError(f"{path}: centre of cell {rows[CELL_ID].iloc[int(np.flatnonzero(outside)[0])]} "
+                                       f"lies outside the image of shape {image.shape}")
+        crops = crop_and_resize(image, deepprofiler_boxes(centres, box_size, image.shape), box_size)
+        pending.append((positions[rows.index].to_numpy(), crops))
+        if sum(len(p) for p, _ in pending) >= batch_size:
+            yield np.concatenate([p for p, _ in pending]), np.concatenate([c for _, c in pending])
+            pending = []
+    if pending:
+        yield np.concatenate([p for p, _ in pending]), np.concatenate([c for _, c in pending])
+
+
+def _weights_card(weights: Any) -> dict[str, Any]:
+    if str(weights) == "random":
+        return {"weights": "random", "weights_sha256": None}
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"weights": str(weights), "weights_sha256": digest.hexdigest()}
 
 
 def deep_features(
     table: pd.DataFrame,
     *,
     weights: str | os.PathLike | None,
+    recipe: str | None = None,
     box_size: int = 128,
     input_size: int = 224,
     pad_mode: str = "constant",
@@ -407,19 +552,48 @@ def deep_features(
     random_state: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """DeepProfiler-compatible EfficientNet-B0 features for every cell of the single-cell table.
+    """EfficientNet-B0 features for every cell of the single-cell table.
 
     ``table`` needs ``Metadata_CellID``, ``Metadata_Image`` (image file) and
     ``Nuclei_Location_Center_X/Y``. Returns ``Metadata_CellID`` + ``DP__efficientnet_0..1279``
-    in the table's row order. ``weights``: see :func:`load_efficientnet` (``None`` refuses).
+    in the table's row order; ``attrs["card"]`` records recipe, weights (path, SHA-256, layout),
+    box and input sizes and versions. ``weights``: see :func:`load_efficientnet` (``None``
+    refuses); ``recipe``: see :data:`RECIPES` and :func:`resolve_recipe` (``None``: from the
+    weights' layout). ``pad_mode`` applies to the Keras-applications recipe only: DeepProfiler's
+    ``crop_and_resize`` fills with zeros.
     """
+    from tqdm.auto import tqdm
+
     model = load_efficientnet(weights, random_state=random_state)
-    boxes = table_boxes(table, box_size, pad_mode=pad_mode, progress=progress)
+    recipe = resolve_recipe(recipe, model, weights)
+    fast = inference_copy(model)
+    if recipe == "deepprofiler" and pad_mode != "constant":
+        raise MorphotypeInputError(f"pad_mode {pad_mode!r}: the deepprofiler recipe fills outside the image "
+                                   f"with zeros (crop_and_resize); use pad_mode 'constant'")
     with _Deterministic(random_state):
-        values = efficientnet_features(model, boxes, input_size=input_size, batch_size=batch_size,
-                                       progress=progress)
+        if recipe == "deepprofiler":
+            values = np.zeros((len(table), EFFICIENTNET_FEATURES), dtype=np.float32)
+            with tqdm(total=len(table), desc="EfficientNet-B0", disable=not progress) as bar:
+                for rows, crops in deepprofiler_crop_batches(table, box_size, batch_size):
+                    values[rows] = efficientnet_features(fast, crops, input_size=input_size,
+                                                         batch_size=batch_size, recipe=recipe, progress=False)
+                    bar.update(len(rows))
+            constant = int(np.isnan(values).any(axis=1).sum())
+            if constant:
+                log.warning("%d cell(s) with a constant box have NaN features, as in DeepProfiler", constant)
+        else:
+            boxes = table_boxes(table, box_size, pad_mode=pad_mode, progress=progress)
+            values = efficientnet_features(fast, boxes, input_size=input_size, batch_size=batch_size,
+                                           recipe=recipe, progress=progress)
     features = pd.DataFrame(values, columns=[f"{DP_PREFIX}{i}" for i in range(values.shape[1])])
     features.insert(0, CELL_ID, table[CELL_ID].to_numpy())
+    features.attrs["card"] = {
+        "columns": f"{DP_PREFIX}0..{EFFICIENTNET_FEATURES - 1}", "network": "EfficientNet-B0, avg_pool",
+        "recipe": recipe, "recipe_steps": RECIPES[recipe], **_weights_card(weights),
+        "weights_layout": model.layout, "box_size": box_size, "input_size": input_size,
+        "fill": "zeros (crop_and_resize)" if recipe == "deepprofiler" else pad_mode,
+        "random_state": random_state, "versions": software_versions(("torch", "numpy")),
+    }
     return features
 
 
