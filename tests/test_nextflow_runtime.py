@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "nextflow"))
-import runtime  # noqa: E402  (tests/nextflow/runtime.py)
+import runtime  # tests/nextflow/runtime.py
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not runtime.available(), reason="no Nextflow runtime: run `make nextflow-runtime`")]
