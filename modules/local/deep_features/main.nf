@@ -26,6 +26,7 @@ process MORPHOTYPE_DEEP_FEATURES {
     stub:
     prefix = task.ext.prefix ?: "${meta.id}.${model_kind}"
     """
+    [[ "${features}" == *.parquet && "${images}" == images/* ]] || { echo "stub: expected a table and images, got ${features} / ${images}" >&2; exit 1; }
     touch ${prefix}.parquet
     """
 }

@@ -24,6 +24,8 @@ process MORPHOTYPE_EVALUATE {
 
     stub:
     """
+    for folder in ${models}; do [[ -d "\$folder" ]] || { echo "stub: expected models folders, got ${models}" >&2; exit 1; }; done
+    [[ "${features}" == *.parquet ]] || { echo "stub: expected a table, got ${features}" >&2; exit 1; }
     mkdir -p models evaluation
     echo 'Metadata_CellID,split' > models/cell_splits.csv
     echo '{}' > evaluation/summary.json

@@ -23,6 +23,7 @@ process MORPHOTYPE_FEATURES {
     stub:
     prefix = task.ext.prefix ?: "${meta.id}"
     """
+    [[ "${samplesheet}" == *.csv && "${masks}" == *.mask.tiff* ]] || { echo "stub: expected a samplesheet and masks, got ${samplesheet} / ${masks}" >&2; exit 1; }
     touch ${prefix}.parquet
     echo 'Metadata_FileID,Metadata_ImageID,reason,distance' > ${prefix}.unmatched.csv
     """

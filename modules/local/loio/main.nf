@@ -23,6 +23,7 @@ process MORPHOTYPE_LOIO {
     stub:
     prefix = task.ext.prefix ?: "${meta.id}"
     """
+    [[ "${features}" == *.parquet && -d "${models}" ]] || { echo "stub: expected a table and a models folder, got ${features} / ${models}" >&2; exit 1; }
     touch ${prefix}.parquet
     """
 }

@@ -23,6 +23,7 @@ process MORPHOTYPE_TRAIN {
 
     stub:
     """
+    [[ "${features}" == *.parquet ]] || { echo "stub: expected a table, got ${features}" >&2; exit 1; }
     mkdir -p models/${meta.space}__balanced
     echo 'Metadata_CellID,split' > models/cell_splits.csv
     echo '{}' > models/training.json
