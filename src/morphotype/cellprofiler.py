@@ -167,7 +167,9 @@ def _image_frame(con, relation: str, where: str, distinct: bool = False) -> pd.D
     well = _require(columns, ["Metadata_Well", "Image_Metadata_Well", "Metadata_well_position"], where, "well")
     plate = _first(columns, ["Metadata_Plate", "Image_Metadata_Plate"])
     site = _first(columns, ["Metadata_Site", "Image_Metadata_Site", "Metadata_Field", "Image_Metadata_Field"])
-    metadata = [c for c in columns if "Metadata_" in c and c not in (number, table_number, well, plate, site)]
+    # a joined (per-cell) table keeps only image-level metadata, or images would repeat per cell
+    metadata = [c for c in columns if ("Metadata_" in c and not distinct or c.startswith("Image_Metadata_"))
+                and c not in (number, table_number, well, plate, site)]
     select = [f"CAST({_quote(table_number)} AS VARCHAR) AS TableNumber" if table_number else "'' AS TableNumber",
               f"CAST({_quote(number)} AS BIGINT) AS ImageNumber",
               f"CAST({_quote(well)} AS VARCHAR) AS Metadata_Well",
@@ -305,3 +307,36 @@ def _open_csv_folder(path: Path, nuclei_object: str, dna_stain: str) -> CellTabl
         raise
     return CellTable(str(path), "csv", images, where, features, con, relation(nuclei),
                      ("''", _quote(number), _quote(obj)))
+
+
+def features_of(path: str | os.PathLike, *, nuclei_object: str = MODEL_OBJECT,
+                dna_stain: str = MODEL_STAIN) -> set[str]:
+    """The model-convention names of the nuclei features an input has (any layout, or a plain Parquet)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            columns = pq.read_schema(path).names
+        except Exception as error:  # pyarrow raises several kinds for a bad file
+            raise MorphotypeInputError(f"{path}: cannot be read as Parquet ({error})") from error
+        return {name for c in columns if (name := map_feature_name(c, nuclei_object, dna_stain)) is not None}
+    table = open_cellprofiler(path, nuclei_object=nuclei_object, dna_stain=dna_stain)
+    table.close()
+    return set(table.features)
+
+
+def restrict_to_features_of(table: pd.DataFrame, target: str | os.PathLike, *, nuclei_object: str = MODEL_OBJECT,
+                            dna_stain: str = MODEL_STAIN) -> pd.DataFrame:
+    """Drop the CellProfiler nucleus features of ``table`` that ``target`` lacks (``train --features-of``)."""
+    from morphotype.models import _is_cp
+
+    available = features_of(target, nuclei_object=nuclei_object, dna_stain=dna_stain)
+    dropped = [c for c in table.columns if _is_cp(c) and c not in available]
+    kept = [c for c in table.columns if _is_cp(c) and c in available]
+    if not kept:
+        raise MorphotypeInputError(f"{target}: has none of the training table's nucleus features "
+                                   "(check --nuclei-object and --dna-stain)")
+    log.info("--features-of %s: training on %d features, %d the target lacks left out", target, len(kept),
+             len(dropped))
+    return table.drop(columns=dropped)

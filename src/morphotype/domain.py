@@ -185,3 +185,19 @@ def write_report(report: dict[str, Any], path: str | os.PathLike, source: str = 
     elif report.get("status") == "unknown":
         log.warning("domain shift unknown: model %s records no training distribution", report["model_id"])
     return path
+
+
+# MitoCheck (idr0013-screenA): 10x objective on an Olympus ScanR with a Hamamatsu Orca-ER camera
+# (6.45 µm pixels, 1344x1024 frames), i.e. 0.645 µm per image pixel (Neumann et al. 2010, Nature
+# 464:721, methods). Not in the IDR's own screen table; the value follows from those two numbers.
+MITOCHECK_PIXEL_SIZE_UM = 0.645
+
+
+def record_acquisition(models: Iterable[Any], *, pixel_size_um: float | None,
+                       segmentation: Mapping[str, Any] | None = None,
+                       measurement: Mapping[str, Any] | None = None) -> None:
+    """Store the training images' pixel size and segmentation/measurement settings on each model card."""
+    for model in models:
+        model.acquisition = {"pixel_size_um": pixel_size_um,
+                             "segmentation": dict(segmentation) if segmentation is not None else None,
+                             "measurement": dict(measurement) if measurement is not None else None}

@@ -132,6 +132,11 @@ def _coerce(value: object, default: object) -> object:
     return value
 
 
+SEGMENTATION_PARAMS = ("segmentation_backend", "cellpose_model", "cellpose_diameter", "cellpose_flow_threshold",
+                       "cellpose_cellprob_threshold", "min_nucleus_size", "remove_edge_objects",
+                       "split_touching_nuclei")
+
+
 def segmentation_options(params: dict):
     from morphotype.pipeline import SegmentationOptions
 
@@ -269,6 +274,12 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         from morphotype.models import train_all, write_results
 
         results = train_all(cells, n_jobs=workers or 2, **training_settings(params))
+        from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
+
+        # every training input of a run is MitoCheck (crops or IDR frames); the card keeps how it was measured
+        record_acquisition(results.models.values(), pixel_size_um=MITOCHECK_PIXEL_SIZE_UM,
+                           segmentation={k: params[k] for k in SEGMENTATION_PARAMS},
+                           measurement={"annotation_tolerance": params["annotation_tolerance"]})
         evaluation = write_results(results, outdir)
         outputs["models"] = outdir / "models"
         outputs["evaluation"] = outdir / "evaluation"

@@ -118,7 +118,10 @@ def score(input_path: str | os.PathLike, model_dir: Any, outdir: str | os.PathLi
     models = {"final": jump._load_model(model_dir, "final")}
     if shuffled_model_dir is not None:
         models["shuffled"] = jump._load_model(shuffled_model_dir, "shuffled")
-    local, downloaded = jump.fetch_plate(input_path, cache_dir or outdir / ".cache")
+    if Path(input_path).is_dir():  # ExportToSpreadsheet folder; files and URLs go through the plate fetcher
+        local, downloaded = Path(input_path), False
+    else:
+        local, downloaded = jump.fetch_plate(input_path, cache_dir or outdir / ".cache")
     try:
         cell_table = open_cellprofiler(local, nuclei_object=nuclei_object, dna_stain=dna_stain)
         try:
