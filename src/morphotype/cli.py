@@ -14,18 +14,33 @@ from pathlib import Path
 
 import pandas as pd
 
-from morphotype import __version__, idr, jump, normalize
+from morphotype import __version__, domain, idr, jump, normalize
+from morphotype.cellprofiler import restrict_to_features_of
 from morphotype.columns import IMAGE
+from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
 from morphotype.download import DownloadError
-from morphotype.evaluate import data_as_trained, evaluate_models, leave_one_image_out, loio_image_chunk
+from morphotype.evaluate import (
+    data_as_trained,
+    evaluate_models,
+    leave_one_image_out,
+    loio_image_chunk,
+)
 from morphotype.io import MorphotypeInputError, merge_tables, read_table, write_table
 from morphotype.models import combine_results, load_model, load_models, predict_table, write_models
-from morphotype.params import CLASS_BALANCES, PARAM_DEFAULTS, SEGMENTATION_BACKENDS, SPLIT_METHODS, \
-    default_workers, load_params, training_settings
+from morphotype.params import (
+    CLASS_BALANCES,
+    PARAM_DEFAULTS,
+    SEGMENTATION_BACKENDS,
+    SPLIT_METHODS,
+    default_workers,
+    load_params,
+    training_settings,
+)
 from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
 from morphotype.report import write_report
 from morphotype.run import run, segmentation_options
 from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
+from morphotype.score import score
 from morphotype.training import train_all, train_models, write_results
 
 log = logging.getLogger("morphotype")
@@ -255,6 +270,42 @@ def build_parser() -> argparse.ArgumentParser:
     summarise.add_argument("--min-shift", type=float, default=0.1,
                            help="smallest median-probability shift that counts as enrichment")
 
+    score = commands.add_parser(
+        "score",
+        help="apply phenotype models to any CellProfiler single-cell output (SQLite, CytoTable Parquet, CSVs)",
+        description="Per plate: z-score the model's features against the negative-control cells, predict, KS-test "
+        "every well against the controls, write per-well profiles and domain_shift.json. Inputs: CellProfiler "
+        "ExportToDatabase / cytominer-database SQLite, CytoTable Parquet, or a folder with ExportToSpreadsheet "
+        "Image.csv + Nuclei.csv; local path or http(s)/s3 URL.",
+        epilog="Example: morphotype score --input plate1.sqlite --model models/CP__balanced__final "
+        "--platemap platemap.csv --dna-stain DAPI --outdir scored",
+        formatter_class=_Formatter,
+    )
+    score.add_argument("--input", required=True, help="CellProfiler output: file, folder of CSVs or URL")
+    score.add_argument("--model", type=Path, required=True, help="final model directory")
+    score.add_argument("--shuffled-model", type=Path, default=None, help="shuffled-baseline model directory")
+    controls = score.add_mutually_exclusive_group(required=True)
+    controls.add_argument("--platemap", type=Path, help="CSV with columns well, treatment, control "
+                          "(negative|positive|treated|empty), optional plate")
+    controls.add_argument("--controls", help="pandas query on the image metadata selecting the negative-control "
+                          "images, e.g. \"Metadata_Well in ['A01', 'A02']\"")
+    score.add_argument("--plate", default=None, help="plate name (default: the image table's, else the file name)")
+    score.add_argument("--nuclei-object", default="Nuclei", help="name of the nuclei object in the input")
+    score.add_argument("--dna-stain", default="DNA", help="name of the DNA stain in the input (DAPI, Hoechst, H2B, ...)")
+    score.add_argument("--fill-missing", action="store_true",
+                       help="fill model features the input lacks with the negative-control mean (the study's "
+                       "behaviour) instead of refusing when they carry more than --max-missing-weight")
+    score.add_argument("--max-missing-weight", type=float, default=0.05,
+                       help="largest share of the model's squared coefficient norm allowed on missing features")
+    score.add_argument("--shift-threshold", type=float, default=0.10,
+                       help="domain_shift.json flags the input above this weighted fraction of out-of-range values")
+    score.add_argument("--chunk-size", type=int, default=100_000, help="cells read at a time")
+    score.add_argument("--min-cells", type=int, default=50, help="wells with at most this many cells are skipped")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--cache-dir", type=Path, default=None, help="where remote inputs are downloaded")
+    score.add_argument("--keep-cells", action="store_true", help="also write per-cell probabilities")
+    score.add_argument("--outdir", type=Path, required=True)
+
     train = commands.add_parser(
         "train",
         help="train and evaluate the phenotype models of a single-cell table",
@@ -266,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     _add_training_options(train)
+    train.add_argument("--features-of", default=None,
+                       help="train only on the features this table has (any input 'score' reads, or a Parquet)")
+    train.add_argument("--nuclei-object", default="Nuclei", help="--features-of: nuclei object name there")
+    train.add_argument("--dna-stain", default="DNA", help="--features-of: DNA stain name there")
+    train.add_argument("--pixel-size", type=float, default=None,
+                       help="pixel size of the training images in µm, recorded in the model cards "
+                       "(default: MitoCheck's when the table is MitoCheck, else unrecorded)")
     _add_workers(train)
 
     predict = commands.add_parser(
@@ -282,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="predictions Parquet to write")
     predict.add_argument("--tolerance", type=float, default=D["annotation_tolerance"],
                          help="max distance in pixels from an annotated centre to its nucleus")
+    predict.add_argument("--pixel-size", type=float, default=None,
+                         help="pixel size of the samplesheet's images in µm; they are rescaled to the model's")
+    predict.add_argument("--shift-threshold", type=float, default=0.10,
+                         help="domain_shift.json flags the cells above this weighted fraction of out-of-range values")
     _add_segmentation_options(predict)
     _add_workers(predict)
 
@@ -498,16 +560,43 @@ def _command_jump(args) -> str:
     return f"{len(args.plate_outputs)} plates summarised in {args.outdir}"
 
 
+def _command_score(args) -> str:
+
+    result = score(args.input, args.model, args.outdir, shuffled_model_dir=args.shuffled_model,
+                   platemap=args.platemap, controls=args.controls, plate=args.plate,
+                   nuclei_object=args.nuclei_object, dna_stain=args.dna_stain, fill_missing=args.fill_missing,
+                   max_missing_weight=args.max_missing_weight, shift_threshold=args.shift_threshold,
+                   chunk_size=args.chunk_size, min_cells=args.min_cells, seed=args.seed, cache_dir=args.cache_dir,
+                   keep_cells=args.keep_cells)
+    return (f"plate {result['plate']}: {result['n_cells_scored']} cells, {result['n_wells_tested']} wells tested, "
+            f"domain shift {result['domain_shift']['status']}; outputs in {args.outdir}")
+
+
+def _record_acquisition(results, args, table) -> None:
+
+    pixel_size = args.pixel_size
+    if pixel_size is None and "Metadata_Plate" in table and table["Metadata_Plate"].astype(str).str.startswith(
+            "LT0").all():  # MitoCheck plate names (LT0001_01, ...)
+        pixel_size = MITOCHECK_PIXEL_SIZE_UM
+    record_acquisition(results.models.values(), pixel_size_um=pixel_size)
+
+
 def _command_train(args) -> str:
     settings = train_settings(args)
     table = read_table(args.features)
+    if args.features_of is not None:
+
+        table = restrict_to_features_of(table, args.features_of, nuclei_object=args.nuclei_object,
+                                        dna_stain=args.dna_stain)
     if not args.evaluation:
         for name in ("loio", "loio_feature_spaces", "umap"):
             settings.pop(name)
         results = train_models(table, n_jobs=args.workers or default_workers(), **settings)
+        _record_acquisition(results, args, table)
         write_models(results, args.outdir / "models")
         return f"{len(results.models)} models in {args.outdir / 'models'}"
     results = train_all(table, n_jobs=args.workers or default_workers(), **settings)
+    _record_acquisition(results, args, table)
     write_results(results, args.outdir)
     skipped = "; skipped: " + ", ".join(results.skipped_feature_spaces) if results.skipped_feature_spaces else ""
     return f"{len(results.models)} models in {args.outdir / 'models'}, evaluation in {args.outdir / 'evaluation'}{skipped}"
@@ -524,8 +613,25 @@ def _command_predict(args) -> str:
             cells, _ = measure_samplesheet(sheet, masks, tolerance=args.tolerance, workers=args.workers,
                                            channel=args.channel)
     predictions = predict_table(model, cells)
+    shift = _domain_guard(model, cells, predictions, args)
     write_table(predictions, args.out)
-    return f"{len(predictions)} cells predicted with {model.model_id} in {args.out}"
+    return f"{len(predictions)} cells predicted with {model.model_id} in {args.out}; domain shift {shift}"
+
+
+def _domain_guard(model, cells, predictions, args) -> str:
+    """Add Metadata_InDistribution and write <out>.domain_shift.json; predictions are left as they are."""
+    import numpy as np
+    import pandas as pd
+
+
+    guard = domain.DomainGuard(model, threshold=args.shift_threshold)
+    X = cells[model.features].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    predictions[domain.IN_DISTRIBUTION_COLUMN] = guard.update(X, model.features)
+    report = guard.report()
+    report["input"] = str(args.features or args.samplesheet)
+    domain.write_report(report, args.out.with_name(f"{args.out.name.split('.')[0]}.domain_shift.json"),
+                        source=report["input"])
+    return report["status"]
 
 
 def _command_loio(args) -> str:
@@ -697,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream": _command_stream,
         "normalize": _command_normalize,
         "jump": _command_jump,
+        "score": _command_score,
         "train": _command_train,
         "predict": _command_predict,
         "loio": _command_loio,

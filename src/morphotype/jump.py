@@ -32,7 +32,9 @@ import pandas as pd
 from scipy.stats import false_discovery_control, ks_2samp
 from tqdm import tqdm
 
+from morphotype.cellprofiler import open_cellprofiler
 from morphotype.columns import CELL_ID, IMAGE_ID, OBJECT_NUMBER, PHENOTYPE
+from morphotype.domain import check_feature_alignment
 from morphotype.download import FetchOptions, SourceError, download, s3_https_url
 from morphotype.io import MorphotypeInputError, asset_path, atomic_path, read_table, write_table
 from morphotype.models import PhenotypeModel, load_model, predict_logits, softmax_probabilities
@@ -325,79 +327,6 @@ def fetch_plate(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
     return target, True
 
 
-def _connect(sqlite_path: Path):
-    """DuckDB connection with the plate attached read-only as ``plate``."""
-    import duckdb
-
-    try:  # offline: the extension ships as a wheel and must be registered once per HOME
-        from duckdb_extensions import import_extension
-
-        import_extension("sqlite")
-    except ImportError:  # pragma: no cover - online installs fetch it on LOAD
-        pass
-    con = duckdb.connect()
-    con.execute("LOAD sqlite")
-    escaped = str(sqlite_path).replace("'", "''")
-    try:
-        con.execute(f"ATTACH '{escaped}' AS plate (TYPE sqlite, READ_ONLY)")
-        tables = {name.lower(): name for (name,) in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'plate'").fetchall()}
-    except duckdb.Error as error:
-        raise MorphotypeInputError(f"{sqlite_path}: cannot be read as SQLite ({error})") from error
-    return con, tables
-
-
-def _columns(con, table: str) -> list[str]:
-    return [row[0] for row in con.execute(f'DESCRIBE plate."{table}"').fetchall()]
-
-
-def _pick(columns: Sequence[str], candidates: Sequence[str], path: Path, table: str) -> str:
-    for candidate in candidates:
-        if candidate in columns:
-            return candidate
-    raise MorphotypeInputError(f"{path}: table {table} has none of the columns {list(candidates)}")
-
-
-def _read_images(con, tables: dict[str, str], path: Path) -> tuple[pd.DataFrame, bool]:
-    """The Image table: join keys, plate, well and site (CPJUMP1 / cytominer-database schema)."""
-    for required in ("image", "nuclei"):
-        if required not in tables:
-            raise MorphotypeInputError(f"{path}: no {required.capitalize()} table (tables: {sorted(tables.values())})")
-    image, nuclei = tables["image"], tables["nuclei"]
-    image_columns, nuclei_columns = _columns(con, image), _columns(con, nuclei)
-    with_table_number = "TableNumber" in image_columns and "TableNumber" in nuclei_columns
-    for table, columns in ((image, image_columns), (nuclei, nuclei_columns)):
-        _pick(columns, ["ImageNumber"], path, table)
-    # pycytominer/cytominer-database name them Metadata_*; CellProfiler's own export Image_Metadata_*
-    well = _pick(image_columns, ["Metadata_Well", "Image_Metadata_Well"], path, image)
-    plate = next((c for c in ("Metadata_Plate", "Image_Metadata_Plate") if c in image_columns), None)
-    site = next((c for c in ("Metadata_Site", "Image_Metadata_Site") if c in image_columns), None)
-    select = [f'CAST("TableNumber" AS VARCHAR) AS TableNumber' if with_table_number else "'' AS TableNumber",
-              '"ImageNumber" AS ImageNumber', f'CAST("{well}" AS VARCHAR) AS Metadata_Well',
-              f'CAST("{plate}" AS VARCHAR) AS Metadata_Plate' if plate else "NULL AS Metadata_Plate",
-              f'CAST("{site}" AS VARCHAR) AS Metadata_Site' if site else "'1' AS Metadata_Site"]
-    images = con.execute(f'SELECT {", ".join(select)} FROM plate."{image}"').df()
-    repeated = images[images.duplicated(["TableNumber", "ImageNumber"], keep=False)]
-    if len(repeated):
-        raise MorphotypeInputError(
-            f"{path}: Image rows are not unique per (TableNumber, ImageNumber), e.g. "
-            f"{repeated.iloc[0][['TableNumber', 'ImageNumber']].to_dict()}")
-    return images, with_table_number
-
-
-def _iter_nuclei(con, table: str, features: Sequence[str], with_table_number: bool,
-                 chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (TableNumber, ImageNumber, ObjectNumber, float64 features) chunks of the Nuclei table."""
-    select = ['CAST("TableNumber" AS VARCHAR)' if with_table_number else "''",
-              '"ImageNumber"', '"ObjectNumber"'] + [f'CAST("{f}" AS DOUBLE)' for f in features]
-    reader = con.execute(f'SELECT {", ".join(select)} FROM plate."{table}"').to_arrow_reader(chunk_size)
-    for batch in reader:
-        columns = [batch.column(i).to_numpy(zero_copy_only=False) for i in range(batch.num_columns)]
-        values = (np.column_stack(columns[3:]).astype(np.float64, copy=False) if features
-                  else np.empty((batch.num_rows, 0)))
-        yield (columns[0].astype(str), columns[1].astype(np.int64), columns[2].astype(np.int64), values)
-
-
 # --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------
@@ -504,23 +433,31 @@ def score_plate(
     plates, wells = load_metadata(plate_metadata, well_metadata)
     local, downloaded = fetch_plate(sqlite_path, cache_dir or outdir / ".cache")
     try:
-        return _score_local_plate(local, str(sqlite_path), models, plates, wells, outdir, plate,
-                                  chunk_size, min_cells, seed, keep_cells)
+
+        return _score_local_plate(open_cellprofiler(local), str(sqlite_path), models, plates, wells, outdir,
+                                  plate, chunk_size, min_cells, seed, keep_cells)
     finally:
         if downloaded and not keep_download:
             local.unlink(missing_ok=True)
 
 
-def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFrame, wells: pd.DataFrame,
+def _score_local_plate(cell_table, source: str, models: dict, plates: pd.DataFrame, wells: pd.DataFrame,
                        outdir: Path, plate: str | None, chunk_size: int, min_cells: int, seed: int,
-                       keep_cells: bool) -> dict:
-    con, tables = _connect(path)
+                       keep_cells: bool, *, fill_missing: bool = True, max_missing_weight: float | None = None,
+                       guard: Any = None) -> dict:
+    """Score an open :class:`morphotype.cellprofiler.CellTable` (closed on return).
+
+    ``fill_missing``/``max_missing_weight``: see :func:`morphotype.domain.check_feature_alignment`;
+    ``guard``: a :class:`morphotype.domain.DomainGuard` fed the raw features of every cell.
+    """
+
+    path = Path(cell_table.source)
     try:
-        images, with_table_number = _read_images(con, tables, path)
+        images = cell_table.images
         barcodes = sorted(images["Metadata_Plate"].dropna().unique())
         if plate is None:
             if len(barcodes) != 1:
-                raise MorphotypeInputError(f"{path}: Image table names plates {barcodes}; pass plate=")
+                raise MorphotypeInputError(f"{path}: Image table names plates {barcodes}; pass --plate")
             plate = barcodes[0]
         elif barcodes and barcodes != [plate]:
             raise MorphotypeInputError(f"{path}: Image table names plate(s) {barcodes}, expected {plate!r}")
@@ -530,14 +467,12 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
             raise MorphotypeInputError(
                 f"{path}: wells {unknown[:5]} are not in platemap {plate_row['Metadata_PlateMap']}")
 
-        nuclei_table = tables["nuclei"]
-        plate_columns = set(_columns(con, nuclei_table))
+        plate_columns = set(cell_table.features)
         wanted = list(dict.fromkeys(f for m in models.values() for f in m.features))
         present = [f for f in wanted if f in plate_columns]
         missing = [f for f in wanted if f not in plate_columns]
-        if missing:
-            log.warning("%s: %d model feature(s) absent from the plate, set to 0 (negcon mean): %s",
-                        plate, len(missing), missing)
+        alignment = check_feature_alignment(models, plate_columns, source=cell_table.nuclei_table,
+                                            fill_missing=fill_missing, max_missing_weight=max_missing_weight)
 
         # Images -> row of the well table; join key = (TableNumber, ImageNumber)
         image_index = pd.MultiIndex.from_arrays([images["TableNumber"], images["ImageNumber"].astype(np.int64)])
@@ -551,7 +486,7 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
             spill = Path(scratch) / "features.f64"
             with open(spill, "wb") as handle:
                 for table_number, image_number, object_number, values in tqdm(
-                        _iter_nuclei(con, nuclei_table, present, with_table_number, chunk_size),
+                        cell_table.iter_nuclei(present, chunk_size),
                         desc=f"{plate} nuclei", unit="chunk", disable=None):
                     rows = image_index.get_indexer(pd.MultiIndex.from_arrays([table_number, image_number]))
                     if (rows < 0).any():
@@ -563,7 +498,7 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
                                                  image_number, object_number, rows]))
                     values.tofile(handle)
                     n_cells += len(values)
-            con.close()
+            cell_table.close()
             if n_cells == 0:
                 raise MorphotypeInputError(f"{path}: the Nuclei table is empty")
             keys = np.concatenate(keys)
@@ -597,10 +532,13 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
 
             classes = {name: list(m.classes) for name, m in models.items()}
             probabilities = {name: np.empty((n_cells, len(c)), np.float32) for name, c in classes.items()}
+            in_distribution = np.full(n_cells, np.nan)
             usable = np.ones(n_cells, bool)
             column_of = {f: i for i, f in enumerate(present)}
             for start, block in tqdm(spilled_blocks(), total=-(-n_cells // chunk_size), desc=f"{plate} scoring",
                                      unit="chunk", disable=None):
+                if guard is not None:  # raw units, before z-scoring; never feeds the predictions
+                    in_distribution[start:start + len(block)] = guard.update(block, present)
                 z = scaler.transform(block) if scaler is not None else block
                 for i, name in enumerate(present):
                     if name in empty:
@@ -623,12 +561,10 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
         results = _analyse_wells(plate, plate_row, plate_wells, well_names, well_of_cell, cells, classes,
                                  min_cells, seed)
         outputs = _write_plate_outputs(outdir, plate, results, keep_cells, keys[order], images, well_names,
-                                       plate_row, cells, classes)
+                                       plate_row, cells, classes,
+                                       in_distribution[order] if guard is not None else None)
     finally:
-        try:
-            con.close()
-        except Exception:  # already closed
-            pass
+        cell_table.close()
 
     summary = {
         "plate": plate, "source": source, **{k: _jsonable(v) for k, v in plate_row.items()},
@@ -639,17 +575,23 @@ def _score_local_plate(path: Path, source: str, models: dict, plates: pd.DataFra
         "wells_skipped_low_count": results["skipped"],
         "n_negcon_wells_used": results["n_negcon_wells"],
         "missing_features": missing, "features_without_negcon_values": empty,
+        "feature_alignment": alignment,
         "models": {name: m.model_id for name, m in models.items()},
         "model_features": {name: list(m.features) for name, m in models.items()},
         "classes": classes, "seed": seed, "chunk_size": chunk_size, "outputs": outputs,
     }
-    summary_path = outdir / f"{plate}.summary.json"
-    with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    summary_path = write_summary(summary, outdir / f"{plate}.summary.json")
     summary["outputs"]["summary"] = summary_path.name
     log.info("%s: %d cells, %d wells tested, %d skipped (<= %d cells)", plate, len(order),
              results["n_tested"], len(results["skipped"]), min_cells)
     return summary
+
+
+def write_summary(summary: dict, path: Path) -> Path:
+    """Write a plate's ``<plate>.summary.json`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in summary.items()}, indent=2, default=_jsonable))
+    return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -720,7 +662,8 @@ def _analyse_wells(plate: str, plate_row: dict, plate_wells: pd.DataFrame, well_
 
 def _write_plate_outputs(outdir: Path, plate: str, results: dict, keep_cells: bool, keys: np.ndarray,
                          images: pd.DataFrame, well_names: np.ndarray, plate_row: dict,
-                         cells: dict[str, np.ndarray], classes: dict[str, list[str]]) -> dict:
+                         cells: dict[str, np.ndarray], classes: dict[str, list[str]],
+                         in_distribution: np.ndarray | None = None) -> dict:
     # file names only: summarise() finds them beside the summary JSON (works when staged elsewhere)
     outputs = {"ks": write_table(results["ks"], outdir / f"{plate}.ks.parquet").name,
                "profiles": write_table(results["profiles"], outdir / f"{plate}.profiles.parquet").name}
@@ -738,6 +681,8 @@ def _write_plate_outputs(outdir: Path, plate: str, results: dict, keep_cells: bo
                                   "Metadata_TableNumber": table_number, "Metadata_ImageNumber": keys[:, 2],
                                   OBJECT_NUMBER: keys[:, 3], IMAGE_ID: image_id,
                                   CELL_ID: cell_id, "Metadata_Model": model})
+            if in_distribution is not None:
+                frame["Metadata_InDistribution"] = in_distribution
             frames.append(pd.concat([frame, pd.DataFrame(probabilities, columns=classes[model])], axis=1))
         outputs["cells"] = write_table(pd.concat(frames, ignore_index=True), outdir / f"{plate}.cells.parquet").name
     return outputs

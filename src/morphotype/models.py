@@ -46,6 +46,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from tqdm.auto import tqdm
 
 from morphotype.columns import CELL_ID, IMAGE_ID, METADATA_PREFIX, NEGCON, PHENOTYPE
+from morphotype.domain import training_distribution
 from morphotype.io import MorphotypeInputError, atomic_path, read_table, write_table
 from morphotype.normalize import ZScore, fit_zscore
 from morphotype.versions import software_versions
@@ -827,6 +828,10 @@ class PhenotypeModel:
     training: dict[str, Any] = field(default_factory=dict)  # n_cells, per-class counts, fit report
     dropped_features: dict[str, str] = field(default_factory=dict)
     random_state: int = 0
+    # raw-unit quantiles of the training cells (morphotype.domain); empty in models saved before
+    training_distribution: dict[str, Any] = field(default_factory=dict)
+    # pixel size (µm) and segmentation/measurement settings of the training images, when known
+    acquisition: dict[str, Any] = field(default_factory=dict)
 
     @property
     def balanced(self) -> bool:
@@ -943,6 +948,7 @@ def train_model(
         C, l1_ratio = (float(v) for v in hyperparameters)
     fit = fit_logistic(Xs, codes, n_classes=len(classes), C=C, l1_ratio=l1_ratio,
                        sample_weight=class_weights(codes, class_weight), binary=binary, tol=tol)
+    distribution = training_distribution(X_train, features)  # raw units, before any shuffling
     counts = pd.Series(labels).value_counts().sort_index()
     training = {"n_cells": int(len(labels)), "class_counts": {str(k): int(v) for k, v in counts.items()},
                 "n_iter": fit.n_iter, "converged": fit.converged, "kkt": fit.kkt, "tol": tol,
@@ -950,7 +956,7 @@ def train_model(
     return PhenotypeModel(model_id, data.feature_space, features, classes, fit.coef, fit.intercept, scaler,
                           float(C), float(l1_ratio), class_weight, shuffled,
                           "binary" if binary else "multiclass", positive_class, cv, training, dropped,
-                          int(random_state))
+                          int(random_state), distribution)
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -1026,6 +1032,8 @@ def model_card(model: PhenotypeModel) -> dict[str, Any]:
         "dropped_features": model.dropped_features,
         "n_nonzero_coefficients": int(np.count_nonzero(model.coef)),
         "random_state": model.random_state,
+        "training_distribution": model.training_distribution,
+        "acquisition": model.acquisition,
         "versions": software_versions(MODEL_PACKAGES),
         "fingerprint": model_fingerprint(model.coef, model.intercept, model.scaler.mean, model.scaler.scale,
                                          model.features, model.classes),
@@ -1082,7 +1090,8 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
             card["model_id"], card["feature_space"], list(card["features"]), list(card["classes"]), coef,
             intercept, scaler, float(hyper["C"]), float(hyper["l1_ratio"]), hyper["class_weight"],
             bool(card["shuffled"]), card["model_type"], card["positive_class"], card["cross_validation"],
-            card["training"], card["dropped_features"], int(card["random_state"]))
+            card["training"], card["dropped_features"], int(card["random_state"]),
+            card.get("training_distribution") or {}, card.get("acquisition") or {})
     except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise MorphotypeInputError(f"{directory}: malformed or truncated model files ({error!r})") from error
     if coef.shape[1] != len(model.features) or len(scaler.mean) != len(model.features):

@@ -15,9 +15,15 @@ import yaml
 
 from morphotype import idr, jump
 from morphotype.columns import CELL_ID
+from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
 from morphotype.io import MorphotypeInputError, atomic_path
 from morphotype.params import default_workers, names, training_settings
-from morphotype.pipeline import SegmentationOptions, measure_samplesheet, segment_samplesheet, write_features
+from morphotype.pipeline import (
+    SegmentationOptions,
+    measure_samplesheet,
+    segment_samplesheet,
+    write_features,
+)
 from morphotype.report import write_report
 from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
 from morphotype.segment import BUILTIN_CELLPOSE_MODELS
@@ -29,6 +35,11 @@ log = logging.getLogger(__name__)
 
 # The order of the stages; workflows/morphotype.nf runs them in the same order.
 STAGES = ["samplesheet", "stream", "segment", "features", "deep_features", "train", "jump", "report"]
+
+
+SEGMENTATION_PARAMS = ("segmentation_backend", "cellpose_model", "cellpose_diameter", "cellpose_flow_threshold",
+                       "cellpose_cellprob_threshold", "min_nucleus_size", "remove_edge_objects",
+                       "split_touching_nuclei", "image_channel")
 
 
 def segmentation_options(params: dict) -> SegmentationOptions:
@@ -133,6 +144,10 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     # train (+ evaluate)
     if params["train_models"]:
         results = train_all(cells, n_jobs=workers or default_workers(), **training_settings(params))
+        # every training input of a run is MitoCheck (crops or IDR frames); the card keeps how it was measured
+        record_acquisition(results.models.values(), pixel_size_um=MITOCHECK_PIXEL_SIZE_UM,
+                           segmentation={k: params[k] for k in SEGMENTATION_PARAMS},
+                           measurement={"annotation_tolerance": params["annotation_tolerance"]})
         evaluation = write_results(results, outdir)
         outputs["models"] = outdir / "models"
         outputs["evaluation"] = outdir / "evaluation"
