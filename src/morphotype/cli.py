@@ -36,7 +36,12 @@ from morphotype.params import (
     load_params,
     training_settings,
 )
-from morphotype.pipeline import measure_samplesheet, segment_samplesheet, write_features
+from morphotype.pipeline import (
+    fetch_images,
+    measure_samplesheet,
+    segment_samplesheet,
+    write_features,
+)
 from morphotype.report import write_report
 from morphotype.run import run, segmentation_options
 from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
@@ -503,14 +508,14 @@ def _segmentation_options(args):
 
 
 def _command_segment(args) -> str:
-    summary = segment_samplesheet(read_samplesheet(args.samplesheet), args.outdir, _segmentation_options(args),
+    summary = segment_samplesheet(fetch_images(read_samplesheet(args.samplesheet)), args.outdir, _segmentation_options(args),
                                   workers=args.workers)
     return f"{len(summary)} masks ({summary['objects'].sum()} nuclei) in {args.outdir}"
 
 
 def _command_features(args) -> str:
     cells, unmatched = measure_samplesheet(
-        read_samplesheet(args.samplesheet), args.masks, tolerance=args.tolerance, workers=args.workers,
+        fetch_images(read_samplesheet(args.samplesheet)), args.masks, tolerance=args.tolerance, workers=args.workers,
         channel=args.channel)
     table_path, report = write_features(cells, unmatched, args.out)
     return f"{len(cells)} cells × {cells.shape[1]} columns in {table_path}; {len(unmatched)} unmatched annotations in {report}"
@@ -607,7 +612,7 @@ def _command_predict(args) -> str:
     if args.features is not None:
         cells = read_table(args.features)
     else:
-        sheet = read_samplesheet(args.samplesheet)
+        sheet = fetch_images(read_samplesheet(args.samplesheet))
         with tempfile.TemporaryDirectory(prefix="morphotype-masks-") as masks:
             segment_samplesheet(sheet, masks, _segmentation_options(args), workers=args.workers)
             cells, _ = measure_samplesheet(sheet, masks, tolerance=args.tolerance, workers=args.workers,

@@ -7,22 +7,40 @@ params and output layout as ``nextflow run main.nf``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from morphotype.columns import CELL_ID, CENTRE_X, CENTRE_Y, FILE_ID, IMAGE_ID, MATCH_DISTANCE, METADATA_PREFIX, \
-    OBJECT_NUMBER
+from morphotype.columns import (
+    CELL_ID,
+    CENTRE_X,
+    CENTRE_Y,
+    FILE_ID,
+    IMAGE_ID,
+    MATCH_DISTANCE,
+    METADATA_PREFIX,
+    OBJECT_NUMBER,
+)
+from morphotype.download import FetchOptions, download
 from morphotype.features import FEATURE_NAMES, measure_nuclei
-from morphotype.io import MorphotypeInputError, read_image, read_mask, remove_stale_temporaries, write_mask, \
-    write_table
+from morphotype.io import (
+    MorphotypeInputError,
+    read_image,
+    read_mask,
+    remove_stale_temporaries,
+    write_mask,
+    write_table,
+)
 from morphotype.params import default_workers
+from morphotype.samplesheet import is_url
 from morphotype.segment import match_points, segment_nuclei
 
 log = logging.getLogger(__name__)
@@ -51,6 +69,39 @@ def parallel_map(function: Callable, items: list, *, workers: int, description: 
     chunksize = max(1, min(32, len(items) // (workers * 8)))
     with ProcessPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
         yield from tqdm(pool.map(function, items, chunksize=chunksize), **progress)
+
+
+# --- remote images --------------------------------------------------------------------------
+
+
+def image_cache_dir() -> Path:
+    """Where samplesheet images given as URLs are kept: ``$MORPHOTYPE_IMAGE_CACHE``, else
+    ``~/.cache/morphotype/images``."""
+    default = Path.home() / ".cache" / "morphotype" / "images"
+    return Path(os.environ.get("MORPHOTYPE_IMAGE_CACHE") or default)
+
+
+def fetch_images(sheet: pd.DataFrame, cache_dir: str | Path | None = None,
+                 options: FetchOptions | None = None) -> pd.DataFrame:
+    """The samplesheet with every image URL (http, https, ftp, s3) replaced by a cached local copy.
+
+    Downloads go through :func:`morphotype.download.download` (resume, size check, retries on
+    network and server errors only); a cached copy is reused. A missing or refused URL is bad
+    input naming the URL. File ids and image ids stay those of the URL.
+    """
+    remote = [location for location in sheet["image"].unique() if is_url(location)]
+    if not remote:
+        return sheet
+    cache_dir = Path(cache_dir) if cache_dir is not None else image_cache_dir()
+    local = {}
+    for location in tqdm(remote, desc="fetch images", unit="image", disable=None):
+        name = Path(urlsplit(location).path).name or "image"
+        target = cache_dir / f"{hashlib.sha1(location.encode()).hexdigest()[:12]}-{name}"
+        if not target.is_file():
+            download(location, target, options=options)
+        local[location] = str(target)
+    log.info("fetched %d remote image(s) into %s", len(remote), cache_dir)
+    return sheet.assign(image=sheet["image"].map(lambda location: local.get(location, location)))
 
 
 # --- segmentation ---------------------------------------------------------------------------

@@ -20,12 +20,13 @@ from morphotype.io import MorphotypeInputError, atomic_path
 from morphotype.params import default_workers, names, training_settings
 from morphotype.pipeline import (
     SegmentationOptions,
+    fetch_images,
     measure_samplesheet,
     segment_samplesheet,
     write_features,
 )
 from morphotype.report import write_report
-from morphotype.samplesheet import from_mitocheck_crops, read_samplesheet, write_samplesheet
+from morphotype.samplesheet import from_mitocheck_crops, is_url, read_samplesheet, write_samplesheet
 from morphotype.segment import BUILTIN_CELLPOSE_MODELS
 from morphotype.training import check_cv_folds, train_all, write_results
 from morphotype.versions import write_versions
@@ -107,6 +108,7 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
                  stats.frames_from_cache, stats.bytes_downloaded / 1e6)
     sheet = read_samplesheet(sheet_path)
     _check_before_segmentation(params, sheet)
+    sheet = fetch_images(sheet, outdir / "images" if any(sheet["image"].map(is_url)) else None)
 
     # segment
     masks_dir = outdir / "segmentation"
