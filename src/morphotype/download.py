@@ -180,13 +180,19 @@ def with_retries(action: Callable[[], T], what: str, options: FetchOptions) -> T
         try:
             return action()
         except Exception as error:
-            if not is_transient(error):
-                raise
-            if attempt == options.retries:
-                raise _failed(what, attempt + 1, error) from error
-            _log_retry(what, attempt, error, options)
-            time.sleep(options.delay(attempt))
+            time.sleep(_wait_after(error, attempt, what, options))
     raise AssertionError("unreachable")
+
+
+def _wait_after(error: Exception, attempt: int, what: str, options: FetchOptions) -> float:
+    """Seconds to wait before retrying after ``error``; raises it when it is not transient, or
+    a :class:`DownloadError` when it was the last attempt."""
+    if not is_transient(error):
+        raise error
+    if attempt == options.retries:
+        raise _failed(what, attempt + 1, error) from error
+    _log_retry(what, attempt, error, options)
+    return options.delay(attempt)
 
 
 async def with_retries_async(action: Callable[[], Awaitable[T]], what: str, options: FetchOptions) -> T:
@@ -195,12 +201,7 @@ async def with_retries_async(action: Callable[[], Awaitable[T]], what: str, opti
         try:
             return await action()
         except Exception as error:
-            if not is_transient(error):
-                raise
-            if attempt == options.retries:
-                raise _failed(what, attempt + 1, error) from error
-            _log_retry(what, attempt, error, options)
-            await asyncio.sleep(options.delay(attempt))
+            await asyncio.sleep(_wait_after(error, attempt, what, options))
     raise AssertionError("unreachable")
 
 

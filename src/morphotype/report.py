@@ -212,13 +212,7 @@ def _confusion_figure(model_id: str, card: dict, run: RunOutputs, figures: Figur
     if not len(confusion):
         return None
     order = list(card["classes"])
-    counts = (
-        confusion.pivot_table(
-            index="true_phenotype", columns="predicted_phenotype", values="count", aggfunc="sum"
-        )
-        .reindex(index=order, columns=order)
-        .fillna(0)
-    )
+    counts = draw.confusion_counts(confusion, order)
     normalised = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
     fig = draw.confusion_pair(counts, normalised, order)
     table = confusion[["split", "true_phenotype", "predicted_phenotype", "count"]].copy()

@@ -22,6 +22,17 @@ from morphotype.io import atomic_path
 from morphotype.report_inputs import PHENOTYPE
 
 
+def confusion_counts(confusion: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Cells per (true, predicted) phenotype, both in ``order``, from a long confusion table."""
+    return (
+        confusion.pivot_table(
+            index="true_phenotype", columns="predicted_phenotype", values="count", aggfunc="sum"
+        )
+        .reindex(index=order, columns=order)
+        .fillna(0)
+    )
+
+
 def safe_name(text: str) -> str:
     """``text`` reduced to the characters a file name and an HTML id can hold."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
@@ -243,13 +254,7 @@ def _f1_panel(ax, f1: pd.DataFrame, pair: list[str | None]) -> pd.DataFrame | No
 def _confusion_panel(ax, confusion: pd.DataFrame, order: list[str]) -> pd.DataFrame | None:
     frame = None
     if len(confusion):
-        counts = (
-            confusion.pivot_table(
-                index="true_phenotype", columns="predicted_phenotype", values="count", aggfunc="sum"
-            )
-            .reindex(index=order, columns=order)
-            .fillna(0)
-        )
+        counts = confusion_counts(confusion, order)
         fraction = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
         ax.imshow(fraction.to_numpy(dtype=float), cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(counts.to_numpy()):

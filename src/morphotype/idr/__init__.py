@@ -1,15 +1,6 @@
 """Stream MitoCheck movies (IDR idr0013, screen A) into local frames.
 
-Sources and metadata
---------------------
-``assets/idr0013/`` holds three small tables derived from the shared metadata
-(:func:`derive_idr0013_assets` rebuilds them): ``plates.tsv`` (510 plates → screen directory),
-``labelled_cells.tsv`` (the 2,779 annotated nuclei: plate, well, site, frame, x, y, phenotype)
-and ``control_wells.tsv`` (6,743 control wells: negative / positive, well A1 excluded).
-A movie of well ``w`` of ``plate`` is
-``<base>/<screen>/hdf5/<w:05d>_01.ch5`` with ``<base>`` = :data:`DEFAULT_BASE_URL` (HTTPS) or
-:data:`FTP_BASE_URL`, or any mirror. Wells are numbered row by row on the 384-well plate
-(16 rows A–P × 24 columns): A1 = 1, A24 = 24, B1 = 25, P24 = 384.
+The screen's plates, wells, movie URLs and their tables: :mod:`~morphotype.idr.screen`.
 
 Frame addressing
 ----------------
