@@ -1178,13 +1178,14 @@ def idr_server_root(tmp_path_factory) -> Path:
     import numpy as np
 
     from morphotype import idr
+    from morphotype.testing import synthetic_movie
 
     root = tmp_path_factory.mktemp("idr-server")
     sheet = idr.idr_samplesheet(["LT0003_40"], labelled=True, controls=["negative"], seed=0,
                                 base_url="http://server")
     for index, (movie, well) in enumerate(sheet[["movie", "well"]].drop_duplicates().itertuples(index=False)):
         relative = movie.removeprefix("http://server/")
-        frames = idr.synthetic_movie(8, (96, 128), n_nuclei=8, seed=index)["movie"]
+        frames = synthetic_movie(8, (96, 128), n_nuclei=8, seed=index)["movie"]
         idr.write_cellh5(root / relative, np.resize(frames, (90, *frames.shape[1:])), plate="LT0003_40",
                          well=int(well))
     return root
@@ -1195,10 +1196,10 @@ def test_idr_plates_stream_in_movie_batches_and_equal_morphotype_run(tmp_path, l
                                                                      idr_server_root):
     """samplesheet idr -> stream (one task per batch of whole movies) -> frames staged by name into
     image batches -> segment -> features, against `morphotype run` on the same loopback IDR."""
-    from morphotype import idr
     from morphotype.run import run
+    from morphotype.testing import LoopbackFileServer
 
-    with idr.LoopbackFileServer(idr_server_root) as server:
+    with LoopbackFileServer(idr_server_root) as server:
         # raw frames keep this test short; tests/test_idr.py checks the BaSiC (ic) correction
         outdir = tmp_path / "run" / "results"
         params = {**demo_params, "mitocheck_crops": None, "idr_plates": "LT0003_40", "idr_base_url": server.url,
