@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out predictions.parquet",
         formatter_class=_Formatter,
     )
-    predict.add_argument("--model", type=Path, required=True, help="model directory (with model_card.json)")
+    predict.add_argument("--model", type=Path, required=True,
+                         help="model directory (with model_card.json), or a models folder: its recommended model")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--samplesheet", type=Path, help="images to segment, measure and predict")
     source.add_argument("--features", type=Path, help="a single-cell table that already has the features")
@@ -515,9 +516,10 @@ def _command_predict(args) -> str:
     import tempfile
 
     from morphotype.io import read_table, write_table
-    from morphotype.models import load_model, predict_table
+    from morphotype.estimators import load_any_model
+    from morphotype.models import predict_table
 
-    model = load_model(args.model)
+    model = load_any_model(args.model)  # a model folder of any family, or a models folder: its recommended model
     if args.features is not None:
         cells = read_table(args.features)
     else:

@@ -254,13 +254,15 @@ def _load_model(model: Any, role: str) -> Any:
     ``role`` is ``"final"`` or ``"shuffled"``; a shuffled baseline passed as the final model (or
     the reverse) is refused.
     """
-    from morphotype.models import PhenotypeModel, load_model
+    from morphotype.estimators import FamilyModel, load_any_model, recommended_model_dir
+    from morphotype.models import PhenotypeModel
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "model_id", repr(model))
     if isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    if not isinstance(model, PhenotypeModel):
-        raise TypeError(f"expected a model directory or a morphotype.models.PhenotypeModel, got {type(model)}")
+        # a models folder: its recommended model (and the recommended model's shuffled baseline)
+        model = load_any_model(recommended_model_dir(model, shuffled=role == "shuffled"))
+    if not isinstance(model, (PhenotypeModel, FamilyModel)):
+        raise TypeError(f"expected a model directory or a morphotype model, got {type(model)}")
     if model.shuffled != (role == "shuffled"):
         raise MorphotypeInputError(
             f"{source}: model {model.model_id!r} is {'a shuffled baseline' if model.shuffled else 'not shuffled'}"
@@ -276,6 +278,8 @@ def _predict(model: Any, z: np.ndarray) -> np.ndarray:
     """
     from morphotype.models import predict_logits, softmax_probabilities
 
+    if hasattr(model, "probabilities_scaled"):  # any other family (morphotype.estimators)
+        return model.probabilities_scaled(z)
     return softmax_probabilities(predict_logits(model.coef, model.intercept, z))
 
 

@@ -1073,6 +1073,10 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
     """Read a model written by :func:`save_model`; predictions are identical to the saved model's."""
     directory = Path(directory)
     card_path, arrays_path = directory / "model_card.json", directory / "coefficients.npz"
+    if card_path.exists() and not arrays_path.exists():  # another family (morphotype.estimators)
+        from morphotype.estimators import load_any_model
+
+        return load_any_model(directory)
     for path in (card_path, arrays_path):
         if not path.exists():
             raise MorphotypeInputError(f"{path}: missing; not a saved morphotype model directory")
