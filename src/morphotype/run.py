@@ -67,7 +67,7 @@ PARAM_DEFAULTS: dict[str, object] = {
     "random_state": 0,
     # JUMP Cell Painting pilot (off unless given)
     "jump_plates": None,  # text file: one plate SQLite path or URL per line
-    "jump_model": "CP_areashape__balanced",  # <model>__final and <model>__shuffled from <outdir>/models
+    "jump_model": "CP_areashape__balanced",  # <model>__final and <model>__shuffled from <outdir>/models; "recommended": models/recommended.json
     "jump_min_cells": 50,
     "jump_top_n": 10,
     "report": True,  # <outdir>/report/index.html
@@ -196,6 +196,14 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     outdir = Path(params["outdir"])
     outputs: dict[str, Path] = {}
     started = time.perf_counter()
+    stage_times: dict[str, float] = {}
+    lap = [started]
+
+    def stage_done(name: str) -> None:
+        now = time.perf_counter()
+        stage_times[name] = stage_times.get(name, 0.0) + now - lap[0]
+        lap[0] = now
+
     _write_run_info(params, outdir)
 
     # samplesheet
@@ -231,16 +239,19 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         log.info("stream: %d frames written, %d from cache, %.1f MB downloaded", stats.frames_written,
                  stats.frames_from_cache, stats.bytes_downloaded / 1e6)
     sheet = read_samplesheet(sheet_path)
+    stage_done("samplesheet")
 
     # segment
     masks_dir = outdir / "segmentation"
     segment_samplesheet(sheet, masks_dir, segmentation_options(params), workers=workers)
     outputs["masks"] = masks_dir
+    stage_done("segment")
 
     # features
     cells, unmatched = measure_samplesheet(
         sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers
     )
+    stage_done("features")
 
     # deep_features: DP__ (EfficientNet-B0) and/or SSL__ (in-domain encoder) columns
     if params["deep_weights"] or params["ssl_encoder"]:
@@ -263,6 +274,7 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
             cells = cells.merge(added, on=deep.CELL_ID, how="left", validate="one_to_one")
     outputs["features"], outputs["unmatched"] = write_features(
         cells, unmatched, outdir / "features" / "single_cells.parquet")
+    stage_done("deep_features")
 
     # train (+ evaluate)
     if params["train_models"]:
@@ -273,6 +285,11 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         outputs["models"] = outdir / "models"
         outputs["evaluation"] = outdir / "evaluation"
         log.info("trained %d models; evaluation tables: %s", len(results.models), ", ".join(sorted(evaluation)))
+        stage_done("train")
+        from morphotype.selection import train_families_for_run
+
+        outputs.update(train_families_for_run(cells, results, outdir, n_jobs=workers or 2))
+        stage_done("model_families")
 
     # jump: one plate at a time, then the summary across plates
     if params["jump_plates"]:
@@ -280,19 +297,23 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
 
         models_dir = outdir / "models"
         plate_dir = outdir / "jump" / "plates"
+        recommended = params["jump_model"] == "recommended"  # the models folder: its recommended model
         for plate in jump_plate_list(params["jump_plates"]):
-            jump.score_plate(plate, models_dir / f"{params['jump_model']}__final",
-                             models_dir / f"{params['jump_model']}__shuffled", plate_dir,
+            jump.score_plate(plate, models_dir if recommended else models_dir / f"{params['jump_model']}__final",
+                             models_dir if recommended else models_dir / f"{params['jump_model']}__shuffled",
+                             plate_dir,
                              min_cells=int(params["jump_min_cells"]), seed=int(params["random_state"]))
         jump.summarise(sorted(plate_dir.glob("*.summary.json")), outdir / "jump" / "summary",
                        top_n=int(params["jump_top_n"]))
         outputs["jump"] = outdir / "jump"
+        stage_done("jump")
 
     # report
     if params["report"]:
         from morphotype.report import write_report
 
         outputs["report"] = write_report(outdir)
+        stage_done("report")
 
     annotated = int(sheet[["x", "y"]].notna().all(axis=1).sum())
     log.info(
@@ -300,7 +321,16 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         time.perf_counter() - started, len(cells), annotated - len(unmatched), annotated, len(unmatched),
         outputs["unmatched"],
     )
+    _write_stage_times(stage_times, outdir)
     return outputs
+
+
+def _write_stage_times(stage_times: dict[str, float], outdir: Path) -> None:
+    """Log each stage's wall time (s) and keep them in pipeline_info/stage_times.json."""
+    log.info("stage times: %s; total %.0f s", ", ".join(f"{k} {v:.0f} s" for k, v in stage_times.items()),
+             sum(stage_times.values()))
+    with atomic_path(outdir / "pipeline_info" / "stage_times.json") as tmp:
+        tmp.write_text(json.dumps({k: round(v, 2) for k, v in stage_times.items()}, indent=2) + "\n")
 
 
 def _names(value: object) -> list[str]:

@@ -402,3 +402,41 @@ def write_families(candidates: dict[str, Candidate], recommended: dict, models_d
             "table": write_table(table, evaluation_dir / "model_families.csv"),
             "reliability": write_table(curves, evaluation_dir / "model_families_reliability.csv"),
             "figure": comparison_figure(table, reliability, evaluation_dir / "model_families.png")}
+
+
+def train_families_for_run(table: pd.DataFrame, results, outdir: str | os.PathLike, *, n_jobs: int = 2,
+                           families: Sequence[str] = ("logistic", "hgb"), loio_folds: int = 5) -> dict[str, Path]:
+    """The run's ``model_families`` stage: the families on the study model's feature space (CP when
+    trained, else the first multiclass space), the same split and CV fold count as the study's
+    models; writes the models, ``recommended.json`` and the comparison into ``outdir``."""
+    from morphotype.evaluate import data_as_trained, split_for
+
+    references = [m for m in results.models.values()
+                  if m.model_type == "multiclass" and not m.shuffled and m.balanced]
+    if not references:
+        log.warning("model families: no balanced multiclass study model to compare with; skipped")
+        return {}
+    reference = next((m for m in references if m.feature_space == "CP"), references[0])
+    data = data_as_trained(table, reference)
+    split = split_for(data, results.splits)
+    settings = results.settings
+    candidates, recommended = train_families(
+        data, split, families=families, cv_folds=int(settings.get("cv_folds", 5)), loio_folds=loio_folds,
+        random_state=int(settings.get("random_state", 0)), n_jobs=n_jobs)
+    recommended["reference_model"] = reference.model_id
+    study_rows = [study_model_scores(model, data, split, results.tables.get("loio_summary"))
+                  for model in results.models.values()
+                  if model.model_type == "multiclass" and model.feature_space == reference.feature_space
+                  and model.balanced]
+    written = write_families(candidates, recommended, Path(outdir) / "models", Path(outdir) / "evaluation",
+                             study_rows)
+    table_out = pd.read_csv(written["table"])
+    for _, row in table_out.iterrows():
+        log.info("%-34s test F1 %.3f  LOIO %s  leave-images-out %s  test ECE %.3f%s", row["model_id"],
+                 row["test_f1"], _fmt(row.get("loio_pass_fraction")), _fmt(row.get("lio_pass_fraction")),
+                 row["test_ece"], "  (recommended)" if row["recommended"] else "")
+    return {"recommended_model": written["recommended"], "model_families": written["table"]}
+
+
+def _fmt(value: Any) -> str:
+    return "  -  " if value is None or pd.isna(value) else f"{float(value):.3f}"
