@@ -176,3 +176,15 @@ def test_temperature_scaling_repairs_overconfidence():
     assert temperature == pytest.approx(2.5, rel=0.15)
     assert expected_calibration_error(apply_temperature(overconfident, temperature), truth) < 0.03
     np.testing.assert_array_equal(apply_temperature(overconfident, temperature).argmax(1), overconfident.argmax(1))
+
+
+def test_staged_tree_tuning_equals_separate_fits(data):
+    """Grid points that differ only in boosting rounds share one fit per fold: same OOF as fitting each."""
+    from morphotype.selection import _grid_oof, out_of_fold
+
+    Z = (data.X - data.X.mean(0)) / data.X.std(0)
+    folds = grouped_folds(data.labels, data.metadata["Metadata_ImageID"].to_numpy(), 3, 0)
+    classes = sorted(set(data.labels))
+    grid = [{"max_iter": n, "max_leaf_nodes": 7} for n in (5, 10)]
+    for params, staged in zip(grid, _grid_oof("hgb", grid, Z, data.labels, folds, classes, 0, 1)):
+        np.testing.assert_allclose(staged, out_of_fold("hgb", params, Z, data.labels, folds, classes, n_jobs=1))

@@ -46,11 +46,11 @@ from morphotype.models import CELL_ID, IMAGE_ID, PHENOTYPE, DEFAULT_CV_TOL, Labe
 log = logging.getLogger(__name__)
 
 # Small grids: each point costs ``cv_folds`` fits. The logistic grid brackets the study's usual
-# choice (C = 0.1, l1_ratio = 0) at CV tolerance; the tree grid trades leaf size against rounds.
+# choice (C = 0.1, l1_ratio = 0) at CV tolerance; the tree grid is boosting rounds, one fit per fold
+# for all of them (staged predictions).
 FAMILY_GRIDS: dict[str, list[dict[str, Any]]] = {
     "logistic": [{"C": c, "l1_ratio": 0.0, "tol": DEFAULT_CV_TOL} for c in (0.01, 0.1, 1.0)],
-    "hgb": [{"max_leaf_nodes": 15, "learning_rate": 0.15, "max_iter": 60},
-            {"max_leaf_nodes": 7, "learning_rate": 0.3, "max_iter": 40}],
+    "hgb": [{"max_leaf_nodes": 15, "learning_rate": 0.15, "max_iter": n} for n in (30, 60, 90)],
 }
 RECOMMENDED = "recommended.json"
 
@@ -130,10 +130,43 @@ def _model_id(space: str, family: str, shuffled: bool = False) -> str:
     return f"{space}__balanced__{family}__{'shuffled' if shuffled else 'final'}"
 
 
+def _staged_out_of_fold(params: dict, rounds: Sequence[int], Z, labels, folds, classes, random_state):
+    """OOF probabilities of boosted trees after each of ``rounds`` boosting iterations, from one
+    fit per fold (``staged_predict_proba``): points of a grid that differ only in ``max_iter``
+    cost one fit."""
+    wanted = sorted(set(int(r) for r in rounds))
+    out = {r: np.zeros((len(Z), len(classes))) for r in wanted}
+    for train, validate in folds:
+        estimator = make_estimator("hgb", {**params, "max_iter": wanted[-1]}, random_state=random_state)
+        estimator.fit(Z[train], labels[train])
+        columns = [list(classes).index(c) for c in estimator.classes_]  # classes absent from a fold get 0
+        for stage, probabilities in enumerate(estimator.staged_predict_proba(Z[validate]), start=1):
+            if stage in out:
+                out[stage][np.ix_(validate, columns)] = probabilities
+    return out
+
+
+def _grid_oof(family, grid, Z, labels, folds, classes, random_state, n_jobs):
+    """OOF probabilities of every grid point (boosted trees share fits across ``max_iter``)."""
+    results: dict[int, np.ndarray] = {}
+    if family == "hgb":
+        shared: dict[str, list[int]] = {}
+        for i, params in enumerate(grid):
+            key = json.dumps({k: v for k, v in params.items() if k != "max_iter"}, sort_keys=True)
+            shared.setdefault(key, []).append(i)
+        for key, points in shared.items():
+            staged = _staged_out_of_fold(json.loads(key), [grid[i].get("max_iter", 60) for i in points], Z,
+                                         labels, folds, classes, random_state)
+            results.update({i: staged[int(grid[i].get("max_iter", 60))] for i in points})
+        return [results[i] for i in range(len(grid))]
+    return [out_of_fold(family, params, Z, labels, folds, classes, random_state=random_state, n_jobs=n_jobs)
+            for params in grid]
+
+
 def _tune(family: str, grid: Sequence[dict], Z, labels, folds, classes, random_state, n_jobs):
     rows, best = [], None
-    for i, params in enumerate(grid):
-        oof = out_of_fold(family, params, Z, labels, folds, classes, random_state=random_state, n_jobs=n_jobs)
+    for i, (params, oof) in enumerate(zip(grid, _grid_oof(family, grid, Z, labels, folds, classes, random_state,
+                                                          n_jobs))):
         score = weighted_f1(labels, oof, classes)
         rows.append({"point": i, **params, "grouped_cv_f1": score})
         if best is None or score > best[0] + 1e-12:
