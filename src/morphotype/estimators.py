@@ -138,9 +138,11 @@ def make_estimator(family: str, params: dict[str, Any] | None = None, *, random_
     if family == "hgb":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        # No early stopping: it would hold out a cell-level (image-mixing) validation set.
-        defaults = {"learning_rate": 0.15, "max_iter": 60, "max_leaf_nodes": 15, "l2_regularization": 1.0,
-                    "class_weight": "balanced", "early_stopping": False, "random_state": random_state}
+        # No early stopping: it would hold out a cell-level (image-mixing) validation set. 32 bins:
+        # with ~2,300 cells, split finding over 255 bins dominated; 32 bins fit 5x faster.
+        defaults = {"learning_rate": 0.2, "max_iter": 50, "max_leaf_nodes": 15, "l2_regularization": 1.0,
+                    "max_bins": 32, "class_weight": "balanced", "early_stopping": False,
+                    "random_state": random_state}
         return HistGradientBoostingClassifier(**{**defaults, **params})
     raise MorphotypeInputError(f"unknown model family {family!r}; expected one of {FAMILIES}")
 
