@@ -9,7 +9,10 @@ On a single-cell features table (default: ``results/features/single_cells.parque
      grid-search tolerance (goal: >= 30x faster at >= the reference's CV weighted F1);
   3. morphotype on the full 7 x 11 x 10-fold = 770-fit grid (goal: <= 10 min on 2 cores);
   4. leave-one-image-out for the selected model, refits converged to the model tolerance
-     (goal: <= 5 min).
+     (goal: <= 5 min), and for its shuffled baseline at the shortcut tolerance and iteration cap
+     (``evaluate.SHUFFLED_LOIO_TOL`` / ``SHUFFLED_LOIO_MAX_ITER``);
+  5. each model family's fit time (morphotype.selection grids, first point) on the training split,
+     the trees with ``--jobs`` OpenMP threads.
 
 Wall-clock seconds, both on ``--jobs`` worker processes (default 2) with one BLAS thread each.
 
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-full-grid", action="store_true")
     parser.add_argument("--skip-loio", action="store_true")
+    parser.add_argument("--skip-families", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -137,6 +141,27 @@ def main() -> None:
               f"{models.DEFAULT_TOL:g}): {seconds:.1f} s wall "
               f"(goal <= 300 s); iterations/refit mean {refits['n_iter'].mean():.0f}; all converged: "
               f"{bool(predictions['converged'].all())}; image x phenotype groups with mean rank < 2: {fraction:.1%}")
+        shuffled = models.train_model(data, train, hyperparameters=(10.0, 1.0), shuffled=True, progress=False)
+        start = time.perf_counter()
+        predictions = evaluate.leave_one_image_out(shuffled, data, n_jobs=args.jobs, progress=False)
+        seconds = time.perf_counter() - start
+        fraction = evaluate.loio_pass_fraction(evaluate.loio_summary(predictions))["pass_fraction"].iloc[0]
+        print(f"LOIO of the shuffled baseline (C=10, l1_ratio=1, tol {evaluate.SHUFFLED_LOIO_TOL:g}, at most "
+              f"{evaluate.SHUFFLED_LOIO_MAX_ITER} iterations): {seconds:.1f} s wall; pass fraction {fraction:.1%} "
+              "(chance by construction)")
+
+    if not args.skip_families:
+        from threadpoolctl import threadpool_limits
+
+        from morphotype.estimators import make_estimator
+        from morphotype.selection import FAMILY_GRIDS
+
+        print(f"\nmodel families: fit on {X.shape[0]} training cells (first grid point)")
+        for family, grid in FAMILY_GRIDS.items():
+            with threadpool_limits(limits=args.jobs, user_api="openmp"):
+                start = time.perf_counter()
+                make_estimator(family, grid[0]).fit(X, data.labels[train])
+                print(f"  {family:<10}{time.perf_counter() - start:>8.2f} s  {grid[0]}")
 
 
 if __name__ == "__main__":

@@ -542,3 +542,37 @@ def test_run_scores_every_listed_plate_with_the_runs_models(tmp_path, synthetic_
     pd.testing.assert_frame_equal(enrichment, expected)  # the same as scoring plate by plate
     html = (outdir / "report" / "index.html").read_text()
     assert 'id="jump"' in html and PLANTED in html
+
+
+def test_a_tree_model_from_a_models_folder_scores_plates(tmp_path, synthetic_plates):
+    """JUMP with another family: the models folder's recommended model (gradient-boosted trees)
+    and its shuffled baseline; the planted elongation is found by the trees only."""
+    from morphotype.selection import train_families, write_families
+
+    rng = np.random.default_rng(2)
+    labelled = pd.concat([nucleus_features(rng, 150, shape).assign(Metadata_Phenotype=shape) for shape in SHAPES],
+                         ignore_index=True)
+    controls = mixture(rng, 1000, NORMAL_MIX).assign(Metadata_Phenotype=None, Metadata_Negcon=True)
+    table = pd.concat([labelled.assign(Metadata_Negcon=False), controls], ignore_index=True)
+    table["Metadata_CellID"] = [f"cell{i}" for i in range(len(table))]
+    table["Metadata_ImageID"] = [f"image{i // 20}" for i in range(len(table))]
+    data = models.prepare_data(table, "CP_areashape")
+    split = models.split_cells(data.metadata, method="image", test_size=0.2, random_state=1)
+    candidates, recommended = train_families(
+        data, split, families=("hgb",), ensemble=False, cv_folds=3, loio_folds=2, n_jobs=1,
+        grids={"hgb": [{"max_iter": 20, "learning_rate": 0.3, "max_leaf_nodes": 7}]})
+    assert recommended["model_id"] == "CP_areashape__balanced__hgb__final"
+    folder = tmp_path / "models"
+    write_families(candidates, recommended, folder, tmp_path / "evaluation")
+    outdir = tmp_path / "scored"
+    for plate, path in synthetic_plates.items():
+        summary = jump.score_plate(path, folder, folder, outdir, chunk_size=1000)
+        assert summary["models"] == {"final": recommended["model_id"], "shuffled": recommended["shuffled_model_id"]}
+    overall = jump.summarise([outdir], outdir / "summary", top_n=5)
+    enrichment = read_table(Path(overall["outputs"]["enrichment"]))
+    elongated = enrichment[(enrichment["Metadata_Phenotype"] == "Elongated")
+                           & (enrichment["Metadata_Perturbation"] == "compound")]
+    final = elongated[elongated["Metadata_Model"] == "final"].set_index("Metadata_Treatment")
+    shuffled = elongated[elongated["Metadata_Model"] == "shuffled"].set_index("Metadata_Treatment")
+    assert final.loc[PLANTED, "enriched"] and final.loc[PLANTED, "rank"] == 1
+    assert not shuffled.loc[PLANTED, "enriched"]

@@ -19,6 +19,7 @@ from morphotype.cellprofiler import restrict_to_features_of
 from morphotype.columns import IMAGE
 from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
 from morphotype.download import DownloadError
+from morphotype.estimators import load_any_model
 from morphotype.evaluate import (
     data_as_trained,
     evaluate_models,
@@ -26,7 +27,7 @@ from morphotype.evaluate import (
     loio_image_chunk,
 )
 from morphotype.io import MorphotypeInputError, merge_tables, read_table, write_table
-from morphotype.models import combine_results, load_model, load_models, predict_table, write_models
+from morphotype.models import combine_results, load_models, predict_table, write_models
 from morphotype.params import (
     CLASS_BALANCES,
     PARAM_DEFAULTS,
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out predictions.parquet",
         formatter_class=_Formatter,
     )
-    predict.add_argument("--model", type=Path, required=True, help="model directory (with model_card.json)")
+    predict.add_argument("--model", type=Path, required=True,
+                         help="model directory (with model_card.json), or a models folder: its recommended model")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--samplesheet", type=Path, help="images to segment, measure and predict")
     source.add_argument("--features", type=Path, help="a single-cell table that already has the features")
@@ -608,7 +610,7 @@ def _command_train(args) -> str:
 
 
 def _command_predict(args) -> str:
-    model = load_model(args.model)
+    model = load_any_model(args.model)  # a model folder of any family, or a models folder: its recommended model
     if args.features is not None:
         cells = read_table(args.features)
     else:

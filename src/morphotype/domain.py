@@ -42,8 +42,12 @@ STATISTIC = ("per feature: fraction of cells outside the training 1-99 % quantil
 
 
 def feature_weights(model: Any) -> dict[str, float]:
-    """Share of the squared coefficient norm per feature (adds up to 1; uniform for an all-zero model)."""
-    squared = np.square(np.asarray(model.coef, dtype=np.float64)).sum(axis=0)
+    """Share of the squared coefficient norm per feature (adds up to 1); uniform for an all-zero
+    model and for families without coefficients (trees, ensembles), where every feature may matter."""
+    coef = getattr(model, "coef", None)
+    if coef is None:
+        return {f: 1.0 / len(model.features) for f in model.features}
+    squared = np.square(np.asarray(coef, dtype=np.float64)).sum(axis=0)
     total = squared.sum()
     if total == 0:
         squared, total = np.ones(len(model.features)), float(len(model.features))

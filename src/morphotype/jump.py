@@ -36,8 +36,9 @@ from morphotype.cellprofiler import open_cellprofiler
 from morphotype.columns import CELL_ID, IMAGE_ID, OBJECT_NUMBER, PHENOTYPE
 from morphotype.domain import check_feature_alignment
 from morphotype.download import FetchOptions, SourceError, download, s3_https_url
+from morphotype.estimators import FamilyModel, load_any_model, recommended_model_dir
 from morphotype.io import MorphotypeInputError, asset_path, atomic_path, read_table, write_table
-from morphotype.models import PhenotypeModel, load_model, predict_logits, softmax_probabilities
+from morphotype.models import PhenotypeModel, predict_logits, softmax_probabilities
 from morphotype.normalize import fit_zscore
 
 log = logging.getLogger(__name__)
@@ -260,9 +261,10 @@ def _load_model(model: Any, role: str) -> Any:
     """
     source = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "model_id", repr(model))
     if isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    if not isinstance(model, PhenotypeModel):
-        raise TypeError(f"expected a model directory or a morphotype.models.PhenotypeModel, got {type(model)}")
+        # a models folder: its recommended model (and the recommended model's shuffled baseline)
+        model = load_any_model(recommended_model_dir(model, shuffled=role == "shuffled"))
+    if not isinstance(model, (PhenotypeModel, FamilyModel)):
+        raise TypeError(f"expected a model directory or a morphotype model, got {type(model)}")
     if model.shuffled != (role == "shuffled"):
         raise MorphotypeInputError(
             f"{source}: model {model.model_id!r} is {'a shuffled baseline' if model.shuffled else 'not shuffled'}"
@@ -276,6 +278,8 @@ def _predict(model: Any, z: np.ndarray) -> np.ndarray:
     The model's own scaler (fitted on the training screen's controls) is deliberately not applied:
     as in the study, each JUMP plate is standardised against its own negative-control cells.
     """
+    if hasattr(model, "probabilities_scaled"):  # any other family (morphotype.estimators)
+        return model.probabilities_scaled(z)
     return softmax_probabilities(predict_logits(model.coef, model.intercept, z))
 
 

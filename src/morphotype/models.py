@@ -1075,6 +1075,9 @@ def load_model(directory: str | os.PathLike) -> PhenotypeModel:
     """Read a model written by :func:`save_model`; predictions are identical to the saved model's."""
     directory = Path(directory)
     card_path, arrays_path = directory / "model_card.json", directory / "coefficients.npz"
+    if card_path.exists() and not arrays_path.exists():
+        raise MorphotypeInputError(f"{directory}: a model of another family than the study's logistic model; "
+                                   "load it with morphotype.estimators.load_any_model")
     for path in (card_path, arrays_path):
         if not path.exists():
             raise MorphotypeInputError(f"{path}: missing; not a saved morphotype model directory")

@@ -7,6 +7,7 @@ workflow engine: no scheduling, no retries, no caching beyond what each step doe
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from morphotype.pipeline import (
 from morphotype.report import write_report
 from morphotype.samplesheet import from_mitocheck_crops, is_url, read_samplesheet, write_samplesheet
 from morphotype.segment import BUILTIN_CELLPOSE_MODELS
+from morphotype.selection import train_families_for_run
 from morphotype.training import check_cv_folds, train_all, write_results
 from morphotype.versions import write_versions
 
@@ -76,6 +78,14 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     outdir = Path(params["outdir"])
     outputs: dict[str, Path] = {}
     started = time.perf_counter()
+    stage_times: dict[str, float] = {}
+    lap = [started]
+
+    def stage_done(name: str) -> None:
+        now = time.perf_counter()
+        stage_times[name] = stage_times.get(name, 0.0) + now - lap[0]
+        lap[0] = now
+
     _write_run_info(params, outdir)
 
     # samplesheet
@@ -109,17 +119,20 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     sheet = read_samplesheet(sheet_path)
     _check_before_segmentation(params, sheet)
     sheet = fetch_images(sheet, outdir / "images" if any(sheet["image"].map(is_url)) else None)
+    stage_done("samplesheet")
 
     # segment
     masks_dir = outdir / "segmentation"
     segment_samplesheet(sheet, masks_dir, segmentation_options(params), workers=workers)
     outputs["masks"] = masks_dir
+    stage_done("segment")
 
     # features
     cells, unmatched = measure_samplesheet(
         sheet, masks_dir, tolerance=float(params["annotation_tolerance"]), workers=workers,
         channel=segmentation_options(params).channel,
     )
+    stage_done("features")
 
     # deep_features: DP__ (EfficientNet-B0) and/or SSL__ (in-domain encoder) columns
     if params["deep_weights"] or params["ssl_encoder"]:
@@ -142,6 +155,7 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
             cells = cells.merge(added, on=CELL_ID, how="left", validate="one_to_one")
     outputs["features"], outputs["unmatched"] = write_features(
         cells, unmatched, outdir / "features" / "single_cells.parquet")
+    stage_done("deep_features")
 
     # train (+ evaluate)
     if params["train_models"]:
@@ -154,22 +168,29 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         outputs["models"] = outdir / "models"
         outputs["evaluation"] = outdir / "evaluation"
         log.info("trained %d models; evaluation tables: %s", len(results.models), ", ".join(sorted(evaluation)))
+        stage_done("train")
+        outputs.update(train_families_for_run(cells, results, outdir, n_jobs=workers or default_workers()))
+        stage_done("model_families")
 
     # jump: one plate at a time, then the summary across plates
     if params["jump_plates"]:
         models_dir = outdir / "models"
         plate_dir = outdir / "jump" / "plates"
+        recommended = params["jump_model"] == "recommended"  # the models folder: its recommended model
         for plate in jump_plate_list(params["jump_plates"]):
-            jump.score_plate(plate, models_dir / f"{params['jump_model']}__final",
-                             models_dir / f"{params['jump_model']}__shuffled", plate_dir,
+            jump.score_plate(plate, models_dir if recommended else models_dir / f"{params['jump_model']}__final",
+                             models_dir if recommended else models_dir / f"{params['jump_model']}__shuffled",
+                             plate_dir,
                              min_cells=int(params["jump_min_cells"]), seed=int(params["random_state"]))
         jump.summarise(sorted(plate_dir.glob("*.summary.json")), outdir / "jump" / "summary",
                        top_n=int(params["jump_top_n"]))
         outputs["jump"] = outdir / "jump"
+        stage_done("jump")
 
     # report
     if params["report"]:
         outputs["report"] = write_report(outdir)
+        stage_done("report")
 
     annotated = int(sheet[["x", "y"]].notna().all(axis=1).sum())
     log.info(
@@ -177,6 +198,7 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
         time.perf_counter() - started, len(cells), annotated - len(unmatched), annotated, len(unmatched),
         outputs["unmatched"],
     )
+    _write_stage_times(stage_times, outdir)
     return outputs
 
 
@@ -189,6 +211,15 @@ def _check_before_segmentation(params: dict, sheet) -> None:
                        what=f"annotations in the samplesheet {params['input'] or 'of this run'}", test_size=0.15)
     if params["jump_plates"]:
         jump_plate_list(params["jump_plates"])
+
+
+def _write_stage_times(stage_times: dict[str, float], outdir: Path) -> None:
+    """Log each stage's wall time (s) and keep them in pipeline_info/stage_times.json."""
+    log.info("stage times: %s; total %.0f s", ", ".join(f"{k} {v:.0f} s" for k, v in stage_times.items()),
+             sum(stage_times.values()))
+    with atomic_path(outdir / "pipeline_info" / "stage_times.json") as tmp:
+        tmp.write_text(json.dumps({k: round(v, 2) for k, v in stage_times.items()}, indent=2) + "\n")
+
 
 
 def jump_plate_list(path: str | Path) -> list[str]:

@@ -22,8 +22,22 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from morphotype.download import ByteCounter, DownloadError, FetchOptions, SourceError, download, md5_for
-from morphotype.idr.cache import MovieRequest, frame_path, missing_planes, planes_dir, store_planes, write_frame
+from morphotype.download import (
+    ByteCounter,
+    DownloadError,
+    FetchOptions,
+    SourceError,
+    download,
+    md5_for,
+)
+from morphotype.idr.cache import (
+    MovieRequest,
+    frame_path,
+    missing_planes,
+    planes_dir,
+    store_planes,
+    write_frame,
+)
 from morphotype.idr.movies import (
     MovieInfo,
     _check_plane_index,
