@@ -49,7 +49,7 @@ OFFLINE_ONLY = (r"^Plugin 'nf-schema' does not exist", r"^Unrecognized config op
 # Params the entry workflow handles itself rather than passing to a command as an option: the
 # sources, the fan-outs and switches (which calls run), and files staged into tasks.
 WORKFLOW_PARAMS = {"input", "mitocheck_crops", "idr_plates", "outdir", "batch_size", "idr_cache", "deep_weights",
-                   "ssl_encoder", "train_models", "feature_spaces", "jump_plates", "report"}
+                   "ssl_encoder", "train_models", "feature_spaces", "jump_plates", "report", "model_families"}
 
 
 def _names(value) -> list[str]:

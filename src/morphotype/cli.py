@@ -17,7 +17,7 @@ import pandas as pd
 from morphotype import __version__, domain, idr, jump, normalize
 from morphotype.cellprofiler import restrict_to_features_of
 from morphotype.columns import IMAGE
-from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
+from morphotype.domain import record_acquisition
 from morphotype.download import DownloadError
 from morphotype.estimators import load_any_model
 from morphotype.evaluate import (
@@ -581,10 +581,7 @@ def _command_score(args) -> str:
 
 def _record_acquisition(results, args, table) -> None:
 
-    pixel_size = args.pixel_size
-    if pixel_size is None and "Metadata_Plate" in table and table["Metadata_Plate"].astype(str).str.startswith(
-            "LT0").all():  # MitoCheck plate names (LT0001_01, ...)
-        pixel_size = MITOCHECK_PIXEL_SIZE_UM
+    pixel_size = args.pixel_size if args.pixel_size is not None else domain.pixel_size_of(table)
     record_acquisition(results.models.values(), pixel_size_um=pixel_size)
 
 

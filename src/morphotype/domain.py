@@ -197,6 +197,13 @@ def write_report(report: dict[str, Any], path: str | os.PathLike, source: str = 
 MITOCHECK_PIXEL_SIZE_UM = 0.645
 
 
+def pixel_size_of(table) -> float | None:
+    """MitoCheck's pixel size when every cell comes from a MitoCheck plate (LT0001_01, ...), else None."""
+    plates = table["Metadata_Plate"].astype(str) if "Metadata_Plate" in table else None
+    return MITOCHECK_PIXEL_SIZE_UM if plates is not None and len(plates) and plates.str.startswith("LT0").all() \
+        else None
+
+
 def record_acquisition(models: Iterable[Any], *, pixel_size_um: float | None,
                        segmentation: Mapping[str, Any] | None = None,
                        measurement: Mapping[str, Any] | None = None) -> None:

@@ -68,6 +68,7 @@ PARAM_DEFAULTS: dict[str, object] = {
     "loio": True,
     "loio_feature_spaces": "",  # comma-separated; empty: every feature space
     "umap": True,
+    "model_families": False,  # morphotype run: tree and ensemble families, models/recommended.json (not in Nextflow yet)
     "random_state": 0,
     # JUMP Cell Painting pilot (off unless given)
     "jump_plates": None,  # text file: one plate SQLite path or URL per line

@@ -16,7 +16,7 @@ import yaml
 
 from morphotype import idr, jump
 from morphotype.columns import CELL_ID
-from morphotype.domain import MITOCHECK_PIXEL_SIZE_UM, record_acquisition
+from morphotype.domain import pixel_size_of, record_acquisition
 from morphotype.io import MorphotypeInputError, atomic_path
 from morphotype.params import default_workers, names, training_settings
 from morphotype.pipeline import (
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 
 # The order of the stages; workflows/morphotype.nf runs them in the same order.
 STAGES = ["samplesheet", "stream", "segment", "features", "deep_features", "train", "jump", "report"]
-
-
-SEGMENTATION_PARAMS = ("segmentation_backend", "cellpose_model", "cellpose_diameter", "cellpose_flow_threshold",
-                       "cellpose_cellprob_threshold", "min_nucleus_size", "remove_edge_objects",
-                       "split_touching_nuclei", "image_channel")
 
 
 def segmentation_options(params: dict) -> SegmentationOptions:
@@ -160,17 +155,16 @@ def run(params: dict, *, workers: int | None = None) -> dict[str, Path]:
     # train (+ evaluate)
     if params["train_models"]:
         results = train_all(cells, n_jobs=workers or default_workers(), **training_settings(params))
-        # every training input of a run is MitoCheck (crops or IDR frames); the card keeps how it was measured
-        record_acquisition(results.models.values(), pixel_size_um=MITOCHECK_PIXEL_SIZE_UM,
-                           segmentation={k: params[k] for k in SEGMENTATION_PARAMS},
-                           measurement={"annotation_tolerance": params["annotation_tolerance"]})
+        # as `morphotype train` records it (the Nextflow fan-out's cards must equal these)
+        record_acquisition(results.models.values(), pixel_size_um=pixel_size_of(cells))
         evaluation = write_results(results, outdir)
         outputs["models"] = outdir / "models"
         outputs["evaluation"] = outdir / "evaluation"
         log.info("trained %d models; evaluation tables: %s", len(results.models), ", ".join(sorted(evaluation)))
         stage_done("train")
-        outputs.update(train_families_for_run(cells, results, outdir, n_jobs=workers or default_workers()))
-        stage_done("model_families")
+        if params["model_families"]:
+            outputs.update(train_families_for_run(cells, results, outdir, n_jobs=workers or default_workers()))
+            stage_done("model_families")
 
     # jump: one plate at a time, then the summary across plates
     if params["jump_plates"]:
